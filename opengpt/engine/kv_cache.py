@@ -1,0 +1,38 @@
+"""A contiguous KV cache: one preallocated (B, n_kv, max_len, hd) buffer per layer.
+
+It implements the model's KVCacheView (store after the cached tokens, return everything so far).
+Slot j holds position j, so attention masks are built from positions alone. The paged cache of the
+engine issue replaces this behind the same interface.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, B, nkv, max_len, hd)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} were asked for")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, end, hd)
+
+    def key_length(self, new_tokens: int) -> int:
+        return self.length + new_tokens
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

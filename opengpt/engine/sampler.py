@@ -1,0 +1,89 @@
+"""Sampling parameters and the per-step token choice.
+
+The processing order follows transformers' `generate` so that seeded runs are comparable:
+repetition penalty (Keskar et al. 2019), then temperature, top-k, top-p (nucleus, Holtzman et al.
+2020) and min-p (Nguyen et al. 2024). Temperature 0 is greedy. Each request owns a seeded
+torch.Generator, so its samples do not depend on anything else the process does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SamplingError(ValueError):
+    """An invalid sampling parameter; the message names it and its valid range."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
+    ignore_eos: bool = False  # keep going past EOS (benchmarks)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            ("max_new_tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 disables it)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables it)"),
+            ("min_p", self.min_p, 0 <= self.min_p < 1, "in [0, 1) (0 disables it)"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 disables it)"),
+        ]
+        for name, value, ok, valid in checks:
+            if not ok:
+                raise SamplingError(f"invalid {name}={value!r}: must be {valid}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingError(f"invalid stop={self.stop!r}: must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Chooses the next token of one sequence; holds the request's generator."""
+
+    def __init__(self, params: SamplingParams, device="cpu"):
+        self.p = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
+        """logits (vocab,) float; history (n,) the prompt and generated ids (for the penalty)."""
+        p = self.p
+        if p.repetition_penalty != 1.0 and history is not None and history.numel():
+            logits = logits.clone()
+            seen = logits[history]
+            logits[history] = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, idx = torch.sort(logits, descending=False)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cum <= 1 - p.top_p
+            remove[-1] = False  # always keep the most likely token
+            logits = logits.masked_fill(remove.scatter(0, idx, remove), float("-inf"))
+        probs = logits.softmax(-1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

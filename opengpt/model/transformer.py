@@ -1,0 +1,187 @@
+"""The decoder-only Transformer: one class tree whose variants all come from ModelConfig.
+
+Transformer -> Block -> (Attention, MLP | MoE). Pre-norm residual blocks with RMSNorm (Llama,
+Touvron et al. 2023); attention with RoPE (Su et al. 2021), grouped-query / multi-query heads
+(Ainslie et al. 2023), optional q/k/v bias (Qwen2), optional q/k RMSNorm per head (Qwen3) or over
+the whole projection (OLMoE), optional QKV clipping (OLMoE) and sliding windows for all or some
+layers (Mistral, Qwen2); SwiGLU feed-forward or a sparse MoE layer (see moe.py).
+
+The model knows nothing of tokenizers or files. Its forward takes token ids, their positions and a
+KV cache view, and returns logits plus the router logits of MoE layers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP, RMSNorm
+from .moe import MoE
+from .rope import RopeParams, RotaryEmbedding, apply_rope
+
+
+class KVCacheView(Protocol):
+    """What attention needs from a cache; the engine owns the memory behind it."""
+
+    length: int  # tokens already stored (the same for every sequence of the batch)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) after the cached tokens; return the key/value slots attention reads,
+        slot j holding position j (slots not yet written are masked out by position)."""
+        ...
+
+    def key_length(self, new_tokens: int) -> int:
+        """How many slots `update` returns once `new_tokens` more are stored."""
+        ...
+
+    def advance(self, n: int) -> None: ...
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, vocab) float
+    router_logits: tuple[torch.Tensor, ...]  # one (B*T, E) tensor per MoE layer; empty for dense
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(self.n_head * self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * self.hd, cfg.rms_norm_eps)
+        self.clip_qkv = cfg.clip_qkv
+
+    def forward(self, x, cos, sin, mask, cache: KVCacheView | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.n_head, self.hd)
+        k = k.view(B, T, self.n_kv, self.hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, L, hd) with L = cached + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))  # (B, T, H)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.window = cfg.window(layer)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
+            self.mlp: nn.Module = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, masks, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, router_logits = self.mlp(h)
+            return x + h, router_logits
+        return x + self.mlp(h), None
+
+
+def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None, full: bool = True) -> torch.Tensor | None:
+    """Boolean (B, 1, T, L) mask, True where the query at q_pos may see the key at slot/position j.
+    `full`: every slot is written (a growing cache), so one new token without a window needs no mask."""
+    T = q_pos.shape[-1]
+    if window is None and T == 1 and full:
+        return None
+    k_pos = torch.arange(k_len, device=q_pos.device)  # (L,)
+    qp = q_pos[:, None, :, None]  # (B, 1, T, 1)
+    mask = k_pos <= qp  # causal
+    if window is not None:
+        mask = mask & (k_pos > qp - window)  # the token itself and window-1 before it
+    return mask
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(
+            RopeParams.from_hf(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        )
+        self.windows = sorted({cfg.window(i) for i in range(cfg.num_hidden_layers)}, key=lambda w: w or 0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCacheView | None = None,
+        num_logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """input_ids (B, T); positions (B, T) default cached_len + arange(T); num_logits_to_keep > 0
+        computes logits for only the last n positions (generation needs one)."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = self.rotary(positions, x.dtype)  # (B, T, hd) each
+        k_len = cache.key_length(T) if cache is not None else T
+        masks = {w: attention_mask(positions, k_len, w, full=k_len == start + T) for w in self.windows}
+        router_logits = []
+        for block in self.layers:
+            x, r = block(x, cos, sin, masks, cache)
+            if r is not None:
+                router_logits.append(r)
+        if cache is not None:
+            cache.advance(T)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return ModelOutput(F.linear(x, weight).float(), tuple(router_logits))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random initialisation for training from scratch (normal(0, std), norms at one)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+        self.rotary.reset_parameters()
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or the ones a token uses (MoE: top-k of the routed experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            cfg = self.config
+            for block in self.layers:
+                if block.is_moe:
+                    per_expert = sum(p[0].numel() for p in block.mlp.experts.parameters())
+                    total -= per_expert * (cfg.num_experts - cfg.num_experts_per_tok)
+        return total

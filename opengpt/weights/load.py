@@ -1,0 +1,82 @@
+"""Checkpoint dispatch: a path (HF directory, .gguf file or "default") -> (config, model, tokenizer).
+
+The kind of file is told by its content (a directory with config.json, or the GGUF magic bytes),
+the architecture by what the checkpoint declares. Models are built on the meta device and the
+weights assigned after a strict key and shape check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from ..model.transformer import Transformer
+from ..tokenizer import Tokenizer
+from .default import default_model_path
+from .hf import CheckpointError, check_state_dict, read_config, read_hf_state_dict
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_path(path: str | Path) -> Path:
+    if str(path) == "default":
+        return default_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(
+            f"no such file or directory: {path}; pass a Hugging Face checkpoint directory, a .gguf file, or 'default'"
+        )
+    return p
+
+
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device="cpu",
+                source: str = "checkpoint") -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    check_state_dict(state_dict, model.state_dict(), source)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.rotary.to_empty(device=device)
+    model.rotary.reset_parameters()
+    return model.eval()
+
+
+def load_model(path: str | Path = "default", dtype: str | torch.dtype = "float32", device="cpu",
+               progress: bool = False) -> tuple[ModelConfig, Transformer, Tokenizer, Path]:
+    p = resolve_path(path)
+    dt = resolve_dtype(dtype)
+    if p.is_dir():
+        cfg = read_config(p)
+        sd = read_hf_state_dict(p, cfg, progress)
+        tok = Tokenizer.from_dir(p)
+    else:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise CheckpointError(
+                f"{p} is neither a checkpoint directory nor a GGUF file (it starts with {magic!r}, not b'GGUF')"
+            )
+        from .gguf import read_gguf
+
+        ckpt = read_gguf(p, dtype=dt, progress=progress)
+        try:
+            cfg = ModelConfig.from_hf_config(ckpt.hf_config)
+        except ConfigError as e:
+            raise CheckpointError(f"{p}: {e}") from e
+        from .hf import convert_hf_state_dict
+
+        sd = convert_hf_state_dict(ckpt.state_dict.items(), cfg)
+        tok = Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, ckpt.eos_token_ids)
+    model = build_model(cfg, sd, dt, device, source=str(p))
+    return cfg, model, tok, p
