@@ -2,7 +2,8 @@
 
 Same weights (the embedded default GGUF, dequantized), same dtype, same threads. Prefill: one
 forward over a 512-token prompt. Decode: 128-token prompt, 128 new tokens, greedy, EOS ignored.
-Writes benchmarks/results/decode.json and prints the ratios.
+opengpt is measured eager and with its compiled decode step (`LLM.load(..., compile=True)`; the
+one-time compile is timed separately). Writes benchmarks/results/decode.json and prints the ratios.
 
     python benchmarks/decode.py [--dtypes float32 bfloat16] [--new-tokens 128] [--repeats 3]
 """
@@ -30,19 +31,29 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_opengpt(llm, prompt_ids, prefill_ids, new_tokens, repeats):
+def bench_opengpt(llm, prompt_ids, prefill_ids, new_tokens, repeats, compiled=None):
     from opengpt.engine.generate import Generation
     from opengpt.engine.sampler import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     first = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
-    decode_total = timed(lambda: list(Generation(llm.model, prompt_ids, params)), repeats)
-    prefill_128 = timed(lambda: list(Generation(llm.model, prompt_ids, first)), repeats)
-    prefill = timed(lambda: list(Generation(llm.model, prefill_ids, first, prefill_chunk=len(prefill_ids))), repeats)
+    result = {}
+    if compiled is not None:
+        t = time.perf_counter()
+        list(Generation(llm.model, prompt_ids, params, compiled=compiled))
+        result["first_run_with_compile_s"] = time.perf_counter() - t
+
+    def run(ids, p, **kw):
+        return list(Generation(llm.model, ids, p, compiled=compiled, **kw))
+
+    decode_total = timed(lambda: run(prompt_ids, params), repeats)
+    prefill_128 = timed(lambda: run(prompt_ids, first), repeats)
+    prefill = timed(lambda: run(prefill_ids, first, prefill_chunk=len(prefill_ids)), repeats)
     return {
         "decode_tok_s": (new_tokens - 1) / (decode_total - prefill_128),
         "prefill_tok_s": len(prefill_ids) / prefill,
-        "tokens": list(Generation(llm.model, prompt_ids, params)),
+        **result,
+        "tokens": run(prompt_ids, params),
     }
 
 
@@ -73,6 +84,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens to generate")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled opengpt variant")
     ap.add_argument("--out", default="benchmarks/results/decode.json", help="where to write the JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,6 +92,7 @@ def main() -> None:
     import transformers
 
     from opengpt import LLM
+    from opengpt.engine.generate import CompiledDecoder
     from opengpt.weights.default import default_model_path
 
     path = default_model_path()
@@ -90,19 +103,27 @@ def main() -> None:
         llm = LLM.load("default", dtype=dtype)
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
         prompt_ids, prefill_ids = ids[: args.prompt_tokens], ids[: args.prefill_tokens]
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                               dtype=getattr(torch, dtype)).eval()
-        ours = bench_opengpt(llm, prompt_ids, prefill_ids, args.new_tokens, args.repeats)
+        # dequantize=True: plain nn.Linear weights in `dtype`, the same weights opengpt computes with
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=getattr(torch, dtype),
+            quantization_config=transformers.GgufConfig(dequantize=True)).eval()
         theirs = bench_transformers(hf, prompt_ids, prefill_ids, args.new_tokens, args.repeats)
-        same = sum(a == b for a, b in zip(ours.pop("tokens"), theirs.pop("tokens")))
-        run = {"opengpt": ours, "transformers": theirs,
-               "decode_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"],
-               "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
-               "greedy_tokens_identical": f"{same}/{args.new_tokens}"}
+        ref = theirs.pop("tokens")
+        run = {"transformers": theirs}
+        variants = {"opengpt_eager": None}
+        if not args.no_compile:
+            variants["opengpt_compiled"] = CompiledDecoder(llm.model)
+        for name, compiled in variants.items():
+            ours = bench_opengpt(llm, prompt_ids, prefill_ids, args.new_tokens, args.repeats, compiled)
+            same = sum(a == b for a, b in zip(ours.pop("tokens"), ref))
+            ours.update(decode_ratio=ours["decode_tok_s"] / theirs["decode_tok_s"],
+                        prefill_ratio=ours["prefill_tok_s"] / theirs["prefill_tok_s"],
+                        greedy_tokens_identical_to_transformers=f"{same}/{args.new_tokens}")
+            run[name] = ours
+            print(f"{dtype} {name}: decode {ours['decode_tok_s']:.1f} tok/s vs transformers {theirs['decode_tok_s']:.1f} "
+                  f"({ours['decode_ratio']:.2f}x); prefill {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f} "
+                  f"({ours['prefill_ratio']:.2f}x); greedy tokens identical {same}/{args.new_tokens}", flush=True)
         results["runs"][dtype] = run
-        print(f"{dtype}: decode opengpt {ours['decode_tok_s']:.1f} tok/s vs transformers {theirs['decode_tok_s']:.1f} "
-              f"({run['decode_ratio']:.2f}x); prefill {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f} "
-              f"({run['prefill_ratio']:.2f}x); greedy tokens identical {same}/{args.new_tokens}", flush=True)
         del llm, hf
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

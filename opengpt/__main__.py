@@ -32,6 +32,7 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling: smallest set of tok
 MinP = Annotated[float, typer.Option(help="Drop tokens less likely than min_p times the most likely one; 0 disables.")]
 RepPenalty = Annotated[float, typer.Option(help="Penalty > 1 discourages repeating tokens already in the text; 1 disables.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")]
+Compile = Annotated[bool, typer.Option("--compile", help="Compile the decode step with torch.compile: about 2x faster decoding after a one-time compile of about a minute.")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")]
 
 
@@ -40,12 +41,14 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _load(model: str, dtype: str):
+def _load(model: str, dtype: str, compile: bool = False):
     from .api import LLM
 
     typer.secho(f"loading {model} ({dtype}) ...", err=True, dim=True)
     t = time.perf_counter()
-    llm = LLM.load(model, dtype=dtype, progress=True)
+    llm = LLM.load(model, dtype=dtype, compile=compile, progress=True)
+    if compile:
+        typer.secho("decode step will be compiled on the first answer (about a minute, cached on disk)", err=True, dim=True)
     typer.secho(f"loaded {llm.config.architecture} from {llm.path} in {time.perf_counter() - t:.1f}s", err=True, dim=True)
     return llm
 
@@ -73,12 +76,13 @@ def chat(
     min_p: MinP = 0.0,
     repetition_penalty: RepPenalty = 1.1,
     seed: Seed = None,
+    compile: Compile = False,
 ) -> None:
     """Chat with a model through its chat template; the answer streams as it is generated.
 
     Interactive commands: /reset clears the history, /exit (or Ctrl-D) quits.
     """
-    llm = _load(model, dtype)
+    llm = _load(model, dtype, compile)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -123,9 +127,10 @@ def generate(
     seed: Seed = None,
     stop: Stop = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep generating past the end-of-sequence token (for benchmarks).")] = False,
+    compile: Compile = False,
 ) -> None:
     """Continue a prompt as raw text and stream it to stdout."""
-    llm = _load(model, dtype)
+    llm = _load(model, dtype, compile)
     _stream_out(llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
                            ignore_eos=ignore_eos))

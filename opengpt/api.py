@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .engine.generate import Generation
+from .engine.generate import CompiledDecoder, Generation
 from .engine.sampler import SamplingParams
 from .model.transformer import Transformer
 from .tokenizer import StreamDecoder, Tokenizer
@@ -68,18 +68,22 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | str = "", config: ModelConfig | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | str = "", config: ModelConfig | None = None,
+                 compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.config = config or model.config
+        self.compiled = CompiledDecoder(model) if compile else None
 
     @classmethod
     def load(cls, path: str | Path = "default", dtype: str | torch.dtype = "float32", device: str = "cpu",
-             progress: bool = False) -> LLM:
-        """Load a HF checkpoint directory, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct)."""
+             compile: bool = False, progress: bool = False) -> LLM:
+        """Load a HF checkpoint directory, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct).
+
+        compile: run the decode step through torch.compile (faster decode after a one-time compile)."""
         cfg, model, tok, p = load_model(path, dtype=dtype, device=device, progress=progress)
-        return cls(model, tok, p, cfg)
+        return cls(model, tok, p, cfg, compile=compile)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,7 +95,7 @@ class LLM:
         params = sampling.pop("params", None) or SamplingParams(**sampling)
         c = completion if completion is not None else Completion()
         c.prompt_tokens = len(prompt_ids)
-        gen = Generation(self.model, prompt_ids, params, self.tokenizer.eos_token_ids)
+        gen = Generation(self.model, prompt_ids, params, self.tokenizer.eos_token_ids, compiled=self.compiled)
         decoder: StreamDecoder = self.tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
         stops = StopMatcher(params.stop)
         for tok in gen:

@@ -2,7 +2,8 @@
 
 Token-only: it sees ids, never text (stop strings are matched by the API's text stream). This is
 the single loop of the codebase; the continuous-batching engine replaces its cache and batching
-behind the same `Generation` iterator.
+behind the same `Generation` iterator. The decode step can run eagerly or compiled (`CompiledDecoder`):
+prefill stays eager, since prompt lengths vary.
 """
 
 from __future__ import annotations
@@ -20,11 +21,34 @@ class ContextLengthError(ValueError):
     """A prompt that does not fit the model's context window."""
 
 
+class CompiledDecoder:
+    """One model's single-token decode step under torch.compile (inductor) over a static KV cache.
+
+    Cache sizes are rounded up to a multiple of `bucket` so that a handful of graphs serve every
+    request length; each is compiled on first use (about a minute for a 30-layer model on 2 cores;
+    inductor keeps compiled kernels in its on-disk cache, so later processes start faster).
+    """
+
+    def __init__(self, model: Transformer, bucket: int = 256):
+        self.model, self.bucket = model, bucket
+        # Guards on the parameters cost ~0.8 ms a step (~7% of a bf16 step of the default model);
+        # torch.compiler.skip_guard_on_all_nn_modules_unsafe would remove them, but in torch 2.13 it
+        # fails at run time (KeyError) on MoE models, so the guards stay.
+        self.step = torch.compile(self._forward, dynamic=False)
+
+    def _forward(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.model(token, positions=position, cache=cache, num_logits_to_keep=1).logits
+
+    def cache_len(self, n: int) -> int:
+        return -(-n // self.bucket) * self.bucket
+
+
 class Generation:
     """Iterate to get new token ids; `finish_reason` is "stop" (EOS) or "length" afterwards."""
 
     def __init__(self, model: Transformer, prompt_ids: list[int], params: SamplingParams,
-                 eos_ids: frozenset[int] | set[int] = frozenset(), prefill_chunk: int = 512):
+                 eos_ids: frozenset[int] | set[int] = frozenset(), prefill_chunk: int = 512,
+                 compiled: CompiledDecoder | None = None):
         ctx = model.config.max_position_embeddings
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty; give at least one token")
@@ -38,6 +62,7 @@ class Generation:
         self.eos_ids = frozenset() if params.ignore_eos else frozenset(eos_ids)
         self.max_new = min(params.max_new_tokens, ctx - len(prompt_ids))
         self.prefill_chunk = prefill_chunk
+        self.compiled = compiled
         self.finish_reason: str | None = None
         self.output_ids: list[int] = []
 
@@ -46,14 +71,20 @@ class Generation:
         device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
         sampler = Sampler(self.params, device)
-        cache = KVCache(model.config, 1, len(self.prompt_ids) + self.max_new, dtype, device)
+        n_prompt = len(self.prompt_ids)
+        compiled = self.compiled
+        size = n_prompt + self.max_new
+        cache = KVCache(model.config, 1, compiled.cache_len(size) if compiled else size, dtype, device,
+                        static=compiled is not None)
         history = torch.tensor(self.prompt_ids, device=device)
         penalize = self.params.repetition_penalty != 1.0
         with torch.inference_mode():
             ids = history[None]  # (1, T)
-            for s in range(0, ids.shape[1], self.prefill_chunk):
-                logits = model(ids[:, s : s + self.prefill_chunk], cache=cache, num_logits_to_keep=1).logits
-            for _ in range(self.max_new):
+            for s in range(0, n_prompt, self.prefill_chunk):
+                chunk = ids[:, s : s + self.prefill_chunk]
+                positions = torch.arange(s, s + chunk.shape[1], device=device)[None]
+                logits = model(chunk, positions=positions, cache=cache, num_logits_to_keep=1).logits
+            for i in range(self.max_new):
                 tok = sampler(logits[0, -1], history if penalize else None)
                 self.output_ids.append(tok)
                 yield tok
@@ -65,5 +96,8 @@ class Generation:
                 nxt = torch.tensor([[tok]], device=device)
                 if penalize:
                     history = torch.cat([history, nxt[0]])
-                logits = model(nxt, cache=cache, num_logits_to_keep=1).logits
+                if compiled:
+                    logits = compiled.step(nxt, torch.tensor([[n_prompt + i]], device=device), cache)
+                else:
+                    logits = model(nxt, cache=cache, num_logits_to_keep=1).logits
         self.finish_reason = "length"

@@ -1,8 +1,10 @@
 """A contiguous KV cache: one preallocated (B, n_kv, max_len, hd) buffer per layer.
 
-It implements the model's KVCacheView (store after the cached tokens, return everything so far).
-Slot j holds position j, so attention masks are built from positions alone. The paged cache of the
-engine issue replaces this behind the same interface.
+It implements the model's KVCacheView. Slot j holds position j, so attention masks are built from
+positions alone. Two modes: growing (attention reads the written slots only, `length` counts them)
+and static (attention reads the whole buffer, unwritten slots masked; shapes never change, so a
+compiled decode step is traced once). The paged cache of the engine issue replaces this behind the
+same interface.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ from ..config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device="cpu"):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device="cpu",
+                 static: bool = False):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, B, nkv, max_len, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.static = static
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            self.k[layer].index_copy_(2, positions, k)
+            self.v[layer].index_copy_(2, positions, v)
+            return self.k[layer], self.v[layer]  # (B, nkv, max_len, hd)
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {end} were asked for")
@@ -29,7 +38,7 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, end, hd)
 
     def key_length(self, new_tokens: int) -> int:
-        return self.length + new_tokens
+        return self.max_len if self.static else self.length + new_tokens
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -9,6 +9,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that a single row under torch.compile becomes a multiply-and-reduce.
+
+    Batch-1 decode is a matrix-vector product bound by memory bandwidth. On CPU, PyTorch's gemv
+    reads weights at ~16 GB/s (fp32); the reduction inductor generates for `(W * x).sum(-1)` streams
+    them at ~40-48 GB/s on the same machine (see shared/PERFORMANCE.md). In eager mode that form
+    would materialise W * x, so it is used only while compiling.
+    """
+    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        y = (weight * x.reshape(1, -1)).sum(-1)  # (out,)
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the compiled single-row fast path of `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like the reference models."""
 
@@ -38,9 +61,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import MLP, activation
+from .layers import MLP, Linear, activation
 
 
 class Router(nn.Module):
@@ -46,6 +46,8 @@ class Experts(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._gathered(x, experts, weights)
         N, k = experts.shape
         flat = experts.flatten()  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)  # group slots by expert
@@ -64,6 +66,15 @@ class Experts(nn.Module):
         ys = torch.cat(outs) * weights.flatten()[order, None]  # (N*k, H) weighted by router
         return torch.zeros_like(x).index_add_(0, token, ys)
 
+    def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Compilable form for the few tokens of a decode step: group sizes are data-dependent, which
+        tracing cannot follow, so gather the k chosen experts' weights per token instead (the same
+        bytes a grouped matmul would read when each token goes to its own experts)."""
+        gate, up, down = self.gate_proj[experts], self.up_proj[experts], self.down_proj[experts]  # (N, k, ., .)
+        h = self.act(torch.einsum("nh,nkih->nki", x, gate)) * torch.einsum("nh,nkih->nki", x, up)  # (N, k, I)
+        y = torch.einsum("nki,nkhi->nkh", h, down)  # (N, k, H)
+        return (y * weights[..., None]).sum(1)  # (N, H)
+
 
 class MoE(nn.Module):
     """Router + experts (+ sigmoid-gated shared expert). Returns (output, router_logits)."""
@@ -75,7 +86,7 @@ class MoE(nn.Module):
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H = x.shape
