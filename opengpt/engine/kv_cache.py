@@ -17,9 +17,11 @@ from ..config import ModelConfig
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device="cpu",
                  static: bool = False):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, B, nkv, max_len, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        # One tensor per layer (not views of one block): a compiled step then updates each in place
+        # instead of copying a layer's whole buffer around the write.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.static = static
         self.length = 0
@@ -33,9 +35,9 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {end} were asked for")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, end, hd)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nkv, end, hd)
 
     def key_length(self, new_tokens: int) -> int:
         return self.max_len if self.static else self.length + new_tokens
@@ -44,4 +46,4 @@ class KVCache:
         self.length += n
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

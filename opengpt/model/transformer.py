@@ -126,13 +126,13 @@ class Block(nn.Module):
         return x + self.mlp(h), None
 
 
-def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None, full: bool = True) -> torch.Tensor | None:
-    """Boolean (B, 1, T, L) mask, True where the query at q_pos may see the key at slot/position j.
-    `full`: every slot is written (a growing cache), so one new token without a window needs no mask."""
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, full: bool = True
+                   ) -> torch.Tensor | None:
+    """Boolean (B, 1, T, L) mask, True where the query at q_pos (B, T) may see the key at k_pos (L,).
+    `full`: every key slot is written (a growing cache), so one new token without a window needs no mask."""
     T = q_pos.shape[-1]
     if window is None and T == 1 and full:
         return None
-    k_pos = torch.arange(k_len, device=q_pos.device)  # (L,)
     qp = q_pos[:, None, :, None]  # (B, 1, T, 1)
     mask = k_pos <= qp  # causal
     if window is not None:
@@ -171,8 +171,9 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(positions, x.dtype)  # (B, T, hd) each
-        k_len = cache.key_length(T) if cache is not None else T
-        masks = {w: attention_mask(positions, k_len, w, full=not static) for w in self.windows}
+        # Keys: cache slot j holds position j; without a cache the keys are the queries themselves.
+        k_pos = torch.arange(cache.key_length(T), device=x.device) if cache is not None else positions[0]
+        masks = {w: attention_mask(positions, k_pos, w, full=not static) for w in self.windows}
         router_logits = []
         for block in self.layers:
             x, r = block(x, cos, sin, masks, cache, positions[0])

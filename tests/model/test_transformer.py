@@ -96,3 +96,14 @@ def test_conversion_at_real_shapes_on_meta(cls):
         ours = Transformer(cfg)
     sd = convert_hf_state_dict(hf.state_dict().items(), cfg)
     check_state_dict(sd, ours.state_dict(), cls)
+
+
+@pytest.mark.parametrize("variant", ["dense", "sliding-mixed"])
+def test_shifted_positions_without_cache(variant):
+    """RoPE attention depends on relative positions only: a constant shift leaves the logits unchanged."""
+    model = build(variant)
+    ids = torch.randint(0, 80, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base = model(ids).logits
+        shifted = model(ids, positions=torch.arange(30, 42)[None]).logits
+    torch.testing.assert_close(shifted, base, atol=1e-4, rtol=1e-4)
