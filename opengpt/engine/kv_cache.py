@@ -31,7 +31,8 @@ class KVCache:
         if self.static:
             self.k[layer].index_copy_(2, positions, k)
             self.v[layer].index_copy_(2, positions, v)
-            return self.k[layer], self.v[layer]  # (B, nkv, max_len, hd)
+            n = self.key_length(positions)
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, nkv, n, hd)
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {end} were asked for")
@@ -39,8 +40,14 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nkv, end, hd)
 
-    def key_length(self, new_tokens: int) -> int:
-        return self.max_len if self.static else self.length + new_tokens
+    def key_length(self, positions: torch.Tensor) -> int:
+        """Key slots attention reads for queries at `positions` (T,): the written ones in eager mode;
+        under torch.compile a static cache returns every slot, so that the shape never changes."""
+        if not self.static:
+            return self.length + positions.shape[-1]
+        if torch.compiler.is_compiling():
+            return self.max_len
+        return int(positions.max()) + 1
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -36,8 +36,8 @@ class KVCacheView(Protocol):
         slot j holding position j (slots not yet written are masked out by position)."""
         ...
 
-    def key_length(self, new_tokens: int) -> int:
-        """How many slots `update` returns once `new_tokens` more are stored."""
+    def key_length(self, positions: torch.Tensor) -> int:
+        """How many slots `update` returns once the tokens at `positions` (T,) are stored."""
         ...
 
     def advance(self, n: int) -> None: ...
@@ -172,7 +172,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(positions, x.dtype)  # (B, T, hd) each
         # Keys: cache slot j holds position j; without a cache the keys are the queries themselves.
-        k_pos = torch.arange(cache.key_length(T), device=x.device) if cache is not None else positions[0]
+        k_pos = torch.arange(cache.key_length(positions[0]), device=x.device) if cache is not None else positions[0]
         masks = {w: attention_mask(positions, k_pos, w, full=not static) for w in self.windows}
         router_logits = []
         for block in self.layers:
