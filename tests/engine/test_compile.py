@@ -36,3 +36,8 @@ def test_compiled_step_logits_close(dtype, atol):
         out = dec.step(ids[:, 8:], torch.tensor([[8]]), cache)[:, -1]
     assert ref.abs().max() > 1.0  # a meaningful scale for the bound
     torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+
+
+def test_cache_buckets_grow_by_powers_of_two():
+    dec = CompiledDecoder(build("dense"), bucket=256)
+    assert [dec.cache_len(n) for n in (1, 256, 257, 700, 1025)] == [256, 256, 512, 1024, 2048]
