@@ -78,11 +78,16 @@ class LLM:
 
     @classmethod
     def load(cls, path: str | Path = "default", dtype: str | torch.dtype = "float32", device: str = "cpu",
-             compile: bool = False, progress: bool = False) -> LLM:
+             compile: bool = False, quantize: str | None = None, progress: bool = False) -> LLM:
         """Load a HF checkpoint directory, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct).
 
-        compile: run the decode step through torch.compile (faster decode after a one-time compile)."""
+        compile: run the decode step through torch.compile (faster decode after a one-time compile).
+        quantize: "int8" (per channel) or "int4" (group-wise) weight-only quantization of the linear layers."""
         cfg, model, tok, p = load_model(path, dtype=dtype, device=device, progress=progress)
+        if quantize:
+            from .quantize import quantize_model
+
+            quantize_model(model, quantize)
         return cls(model, tok, p, cfg, compile=compile)
 
     @property
@@ -167,5 +172,6 @@ class LLM:
             "rope": {"theta": cfg.rope_theta, "scaling": cfg.rope_scaling},
             "vocab_size": cfg.vocab_size,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": getattr(self.model, "quantization", None),
             "chat_template": self.tokenizer.has_chat_template,
         }

@@ -184,8 +184,8 @@ class Transformer(nn.Module):
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         x = self.norm(x)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return ModelOutput(linear(x, weight).float(), tuple(router_logits))
+        logits = linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
+        return ModelOutput(logits.float(), tuple(router_logits))
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
