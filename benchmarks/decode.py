@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled opengpt variant")
+    ap.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int4"],
+                    help="also measure opengpt with these weight-only quantizations (eager and compiled)")
     ap.add_argument("--out", default="benchmarks/results/decode.json", help="where to write the JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,8 +115,16 @@ def main() -> None:
         variants = {"opengpt_eager": None}
         if not args.no_compile:
             variants["opengpt_compiled"] = CompiledDecoder(llm.model)
+        models = {name: llm for name in variants}
+        for mode in args.quantize:
+            qllm = LLM.load("default", dtype=dtype, quantize=mode)
+            models[f"opengpt_{mode}_eager"] = qllm
+            variants[f"opengpt_{mode}_eager"] = None
+            if not args.no_compile:
+                models[f"opengpt_{mode}_compiled"] = qllm
+                variants[f"opengpt_{mode}_compiled"] = CompiledDecoder(qllm.model)
         for name, compiled in variants.items():
-            ours = bench_opengpt(llm, prompt_ids, prefill_ids, args.new_tokens, args.repeats, compiled)
+            ours = bench_opengpt(models[name], prompt_ids, prefill_ids, args.new_tokens, args.repeats, compiled)
             same = sum(a == b for a, b in zip(ours.pop("tokens"), ref))
             ours.update(decode_ratio=ours["decode_tok_s"] / theirs["decode_tok_s"],
                         prefill_ratio=ours["prefill_tok_s"] / theirs["prefill_tok_s"],
