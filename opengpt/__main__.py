@@ -34,6 +34,7 @@ RepPenalty = Annotated[float, typer.Option(help="Penalty > 1 discourages repeati
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")]
 Compile = Annotated[bool, typer.Option("--compile", help="Compile the decode step with torch.compile: about 2x faster decoding after a one-time compile of about a minute.")]
 Quantize = Annotated[Optional[str], typer.Option(help="Weight-only quantization of the linear layers: int8 (per channel) or int4 (group-wise); faster decoding, slightly lower quality.")]
+Speculative = Annotated[Optional[str], typer.Option(help="Speculative decoding for greedy requests (--temperature 0): 'ngram' (prompt lookup) or the path of a smaller draft model with the same tokenizer. Same output, fewer model forwards.")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")]
 
 
@@ -42,12 +43,12 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _load(model: str, dtype: str, compile: bool = False, quantize: str | None = None):
+def _load(model: str, dtype: str, compile: bool = False, quantize: str | None = None, speculative: str | None = None):
     from .api import LLM
 
     typer.secho(f"loading {model} ({dtype}{', ' + quantize if quantize else ''}) ...", err=True, dim=True)
     t = time.perf_counter()
-    llm = LLM.load(model, dtype=dtype, compile=compile, quantize=quantize, progress=True)
+    llm = LLM.load(model, dtype=dtype, compile=compile, quantize=quantize, speculative=speculative, progress=True)
     if compile:
         typer.secho("decode step will be compiled on the first answer (about a minute, cached on disk)", err=True, dim=True)
     typer.secho(f"loaded {llm.config.architecture} from {llm.path} in {time.perf_counter() - t:.1f}s", err=True, dim=True)
@@ -79,12 +80,13 @@ def chat(
     seed: Seed = None,
     compile: Compile = False,
     quantize: Quantize = None,
+    speculative: Speculative = None,
 ) -> None:
     """Chat with a model through its chat template; the answer streams as it is generated.
 
     Interactive commands: /reset clears the history, /exit (or Ctrl-D) quits.
     """
-    llm = _load(model, dtype, compile, quantize)
+    llm = _load(model, dtype, compile, quantize, speculative)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -131,9 +133,10 @@ def generate(
     ignore_eos: Annotated[bool, typer.Option(help="Keep generating past the end-of-sequence token (for benchmarks).")] = False,
     compile: Compile = False,
     quantize: Quantize = None,
+    speculative: Speculative = None,
 ) -> None:
     """Continue a prompt as raw text and stream it to stdout."""
-    llm = _load(model, dtype, compile, quantize)
+    llm = _load(model, dtype, compile, quantize, speculative)
     _stream_out(llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or [],
                            ignore_eos=ignore_eos))

@@ -24,6 +24,7 @@ from .engine.generate import CompiledDecoder, Generation
 from .engine.sampler import SamplingParams
 from .model.transformer import Transformer
 from .tokenizer import StreamDecoder, Tokenizer
+from .weights.hf import CheckpointError
 from .weights.load import load_model
 
 
@@ -69,26 +70,42 @@ class Completion:
 
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | str = "", config: ModelConfig | None = None,
-                 compile: bool = False):
+                 compile: bool = False, proposer: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.config = config or model.config
         self.compiled = CompiledDecoder(model) if compile else None
+        self.proposer = proposer  # speculative decoding, used for greedy requests
 
     @classmethod
     def load(cls, path: str | Path = "default", dtype: str | torch.dtype = "float32", device: str = "cpu",
-             compile: bool = False, quantize: str | None = None, progress: bool = False) -> LLM:
+             compile: bool = False, quantize: str | None = None, speculative: str | None = None,
+             progress: bool = False) -> LLM:
         """Load a HF checkpoint directory, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct).
 
         compile: run the decode step through torch.compile (faster decode after a one-time compile).
-        quantize: "int8" (per channel) or "int4" (group-wise) weight-only quantization of the linear layers."""
+        quantize: "int8" (per channel) or "int4" (group-wise) weight-only quantization of the linear layers.
+        speculative: "ngram" (prompt lookup) or the path of a smaller draft model with the same vocabulary;
+            greedy requests then verify drafted tokens in one forward (same output, fewer forwards)."""
         cfg, model, tok, p = load_model(path, dtype=dtype, device=device, progress=progress)
         if quantize:
             from .quantize import quantize_model
 
             quantize_model(model, quantize)
-        return cls(model, tok, p, cfg, compile=compile)
+        proposer = None
+        if speculative:
+            from .engine.speculative import DraftModelProposer, NgramProposer
+
+            if speculative == "ngram":
+                proposer = NgramProposer()
+            else:
+                dcfg, draft, dtok, _ = load_model(speculative, dtype=dtype, device=device, progress=progress)
+                if dcfg.vocab_size != cfg.vocab_size:
+                    raise CheckpointError(f"draft model {speculative} has vocabulary {dcfg.vocab_size}, the target "
+                                     f"{cfg.vocab_size}; a draft model must share the target's tokenizer")
+                proposer = DraftModelProposer(draft)
+        return cls(model, tok, p, cfg, compile=compile, proposer=proposer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,7 +117,12 @@ class LLM:
         params = sampling.pop("params", None) or SamplingParams(**sampling)
         c = completion if completion is not None else Completion()
         c.prompt_tokens = len(prompt_ids)
-        gen = Generation(self.model, prompt_ids, params, self.tokenizer.eos_token_ids, compiled=self.compiled)
+        if self.proposer is not None and params.greedy:
+            from .engine.speculative import SpeculativeGeneration
+
+            gen = SpeculativeGeneration(self.model, prompt_ids, params, self.proposer, self.tokenizer.eos_token_ids)
+        else:
+            gen = Generation(self.model, prompt_ids, params, self.tokenizer.eos_token_ids, compiled=self.compiled)
         decoder: StreamDecoder = self.tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
         stops = StopMatcher(params.stop)
         for tok in gen:
