@@ -66,6 +66,7 @@ class Completion:
     prompt_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprobs: list = field(default_factory=list)  # per token: (logprob, [(id, logprob), ...]) if asked for
 
 
 class LLM:
@@ -117,7 +118,7 @@ class LLM:
         params = sampling.pop("params", None) or SamplingParams(**sampling)
         c = completion if completion is not None else Completion()
         c.prompt_tokens = len(prompt_ids)
-        if self.proposer is not None and params.greedy:
+        if self.proposer is not None and params.greedy and params.logprobs is None:
             from .engine.speculative import SpeculativeGeneration
 
             gen = SpeculativeGeneration(self.model, prompt_ids, params, self.proposer, self.tokenizer.eos_token_ids)
@@ -125,6 +126,7 @@ class LLM:
             gen = Generation(self.model, prompt_ids, params, self.tokenizer.eos_token_ids, compiled=self.compiled)
         decoder: StreamDecoder = self.tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
         stops = StopMatcher(params.stop)
+        c.logprobs = gen.logprobs  # filled as tokens are generated
         for tok in gen:
             c.token_ids.append(tok)
             if tok in gen.eos_ids:

@@ -14,7 +14,7 @@ import torch
 
 from ..model.transformer import Transformer
 from .kv_cache import KVCache
-from .sampler import Sampler, SamplingParams
+from .sampler import Sampler, SamplingParams, token_logprobs
 
 
 class ContextLengthError(ValueError):
@@ -70,6 +70,7 @@ class Generation:
         self.compiled = compiled
         self.finish_reason: str | None = None
         self.output_ids: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per output token, if asked for
 
     def __iter__(self) -> Iterator[int]:
         model = self.model
@@ -91,6 +92,8 @@ class Generation:
                 logits = model(chunk, positions=positions, cache=cache, num_logits_to_keep=1).logits
             for i in range(self.max_new):
                 tok = sampler(logits[0, -1], history if penalize else None)
+                if self.params.logprobs is not None:
+                    self.logprobs.append(token_logprobs(logits[0, -1], tok, self.params.logprobs))
                 self.output_ids.append(tok)
                 yield tok
                 if tok in self.eos_ids:

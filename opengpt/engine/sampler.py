@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    logprobs: int | None = None  # None: off; n >= 0: the chosen token's logprob and the n most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,6 +40,7 @@ class SamplingParams:
             ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables it)"),
             ("min_p", self.min_p, 0 <= self.min_p < 1, "in [0, 1) (0 disables it)"),
             ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 disables it)"),
+            ("logprobs", self.logprobs, self.logprobs is None or 0 <= self.logprobs <= 20, "None or 0..20"),
         ]
         for name, value, ok, valid in checks:
             if not ok:
@@ -49,6 +51,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of `token` and the `top_n` most likely (id, logprob), under the model's own
+    distribution (before penalties, temperature and truncation), as the OpenAI API reports them."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, top_n) if top_n else None
+    return float(lp[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
 
 
 class Sampler:

@@ -88,8 +88,9 @@ class SpeculativeGeneration(Generation):
 
     def __init__(self, model: Transformer, prompt_ids: list[int], params: SamplingParams,
                  proposer: NgramProposer | DraftModelProposer, eos_ids=frozenset(), prefill_chunk: int = 512):
-        if not params.greedy:
-            raise ValueError("speculative decoding is implemented for greedy decoding (temperature=0) only")
+        if not params.greedy or params.logprobs is not None:
+            raise ValueError("speculative decoding is implemented for greedy decoding (temperature=0) "
+                             "without logprobs only")
         super().__init__(model, prompt_ids, params, eos_ids, prefill_chunk)
         self.proposer = proposer
         self.stats = {"target_forwards": 0, "proposed": 0, "accepted": 0}

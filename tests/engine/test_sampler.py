@@ -60,3 +60,23 @@ def test_seed_reproducible_and_independent():
 def test_invalid_parameters_are_named(field, value):
     with pytest.raises(SamplingError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_logprobs_follow_the_full_forward():
+    from opengpt.engine.generate import Generation
+    from tests.model.test_transformer import build
+
+    model = build("dense")
+    prompt = [5, 9, 13, 2, 7]
+    gen = Generation(model, prompt, SamplingParams(max_new_tokens=6, temperature=0, logprobs=3, ignore_eos=True))
+    out = list(gen)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + out])).logits[0], -1)  # (T, V)
+    for i, (chosen, top) in enumerate(gen.logprobs):
+        row = lp[len(prompt) - 1 + i]
+        assert chosen == pytest.approx(row[out[i]].item(), abs=1e-5)
+        assert [t for t, _ in top] == torch.topk(row, 3).indices.tolist()
+        assert top[0][0] == out[i]  # greedy picks the most likely token
+    assert len(gen.logprobs) == len(out)
+    with pytest.raises(SamplingError, match="logprobs"):
+        SamplingParams(logprobs=21)
