@@ -71,24 +71,29 @@ class Completion:
 
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | str = "", config: ModelConfig | None = None,
-                 compile: bool = False, proposer: Any = None):
+                 compile: bool = False, proposer: Any = None, kv_cache_bytes: int = 1 << 30,
+                 max_batch_tokens: int = 512):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.config = config or model.config
         self.compiled = CompiledDecoder(model) if compile else None
         self.proposer = proposer  # speculative decoding, used for greedy requests
+        self.engine_args = dict(kv_cache_bytes=kv_cache_bytes, max_batch_tokens=max_batch_tokens)
+        self._engine = None  # the continuous-batching engine, built on first batched use
 
     @classmethod
     def load(cls, path: str | Path = "default", dtype: str | torch.dtype = "float32", device: str = "cpu",
              compile: bool = False, quantize: str | None = None, speculative: str | None = None,
-             progress: bool = False) -> LLM:
+             kv_cache_bytes: int = 1 << 30, max_batch_tokens: int = 512, progress: bool = False) -> LLM:
         """Load a HF checkpoint directory, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct).
 
         compile: run the decode step through torch.compile (faster decode after a one-time compile).
         quantize: "int8" (per channel) or "int4" (group-wise) weight-only quantization of the linear layers.
         speculative: "ngram" (prompt lookup) or the path of a smaller draft model with the same vocabulary;
-            greedy requests then verify drafted tokens in one forward (same output, fewer forwards)."""
+            greedy requests then verify drafted tokens in one forward (same output, fewer forwards).
+        kv_cache_bytes, max_batch_tokens: the paged KV pool and the per-step token budget of the batching
+            engine that runs lists of prompts."""
         cfg, model, tok, p = load_model(path, dtype=dtype, device=device, progress=progress)
         if quantize:
             from .quantize import quantize_model
@@ -106,7 +111,8 @@ class LLM:
                     raise CheckpointError(f"draft model {speculative} has vocabulary {dcfg.vocab_size}, the target "
                                      f"{cfg.vocab_size}; a draft model must share the target's tokenizer")
                 proposer = DraftModelProposer(draft)
-        return cls(model, tok, p, cfg, compile=compile, proposer=proposer)
+        return cls(model, tok, p, cfg, compile=compile, proposer=proposer, kv_cache_bytes=kv_cache_bytes,
+                   max_batch_tokens=max_batch_tokens)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -157,10 +163,26 @@ class LLM:
         return self.run(self.tokenizer.encode(prompt), **sampling)
 
     def generate(self, prompt: str | list[str], **sampling: Any) -> str | list[str]:
-        """Raw completion; a list of prompts gives a list of completions, in order."""
+        """Raw completion; a list of prompts runs as one continuously batched workload and gives a
+        list of completions, in order."""
         if isinstance(prompt, list):
-            return [self.complete(p, **sampling).text for p in prompt]
+            return self.generate_batch([self.tokenizer.encode(p) for p in prompt], SamplingParams(**sampling))
         return self.complete(prompt, **sampling).text
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+        from .engine.engine import LLMEngine
+
+        if self._engine is None:
+            self._engine = LLMEngine(self.model, self.tokenizer.eos_token_ids, **self.engine_args)
+        texts = []
+        for prompt_ids, ids in zip(prompts, self._engine.generate(prompts, params)):
+            if ids and ids[-1] in self.tokenizer.eos_token_ids and not params.ignore_eos:
+                ids = ids[:-1]
+            decoder = self.tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
+            text = "".join(decoder.add(t) for t in ids) + decoder.flush()
+            cut = [i for i in (text.find(s) for s in params.stop) if i >= 0]  # stop strings, after the fact
+            texts.append(text[: min(cut)] if cut else text)
+        return texts
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)

@@ -28,6 +28,7 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = positions[0]  # the batch shares positions
         if self.static:
             self.k[layer].index_copy_(2, positions, k)
             self.v[layer].index_copy_(2, positions, v)
@@ -40,6 +41,10 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nkv, end, hd)
 
+    @property
+    def keys_all_valid(self) -> bool:
+        return not self.static
+
     def key_length(self, positions: torch.Tensor) -> int:
         """Key slots attention reads for queries at `positions` (T,): the written ones in eager mode;
         under torch.compile a static cache returns every slot, so that the shape never changes."""
@@ -48,6 +53,9 @@ class KVCache:
         if torch.compiler.is_compiling():
             return self.max_len
         return int(positions.max()) + 1
+
+    def key_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.key_length(positions[0]), device=positions.device)
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -29,15 +29,17 @@ class KVCacheView(Protocol):
 
     length: int  # tokens already stored (the same for every sequence of the batch)
     static: bool  # True: fixed-size buffers written at `positions` (compilable); the caller tracks length
+    keys_all_valid: bool  # every returned key slot holds a token at or before the queries (no padding)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) for `positions` (T,); return the key/value slots attention reads,
-        slot j holding position j (slots not yet written are masked out by position)."""
+        """Store k, v (B, n_kv, T, hd) for `positions` (B, T); return the key/value slots attention reads,
+        (B, n_kv, L, hd), whose positions `key_positions` gives (unwritten slots are masked by position)."""
         ...
 
-    def key_length(self, positions: torch.Tensor) -> int:
-        """How many slots `update` returns once the tokens at `positions` (T,) are stored."""
+    def key_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions of the key slots `update` returns for queries at `positions` (B, T): (L,) shared by
+        the batch, or (B, L) per sequence; slots that hold nothing carry a position no query reaches."""
         ...
 
     def advance(self, n: int) -> None: ...
@@ -128,12 +130,14 @@ class Block(nn.Module):
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, full: bool = True
                    ) -> torch.Tensor | None:
-    """Boolean (B, 1, T, L) mask, True where the query at q_pos (B, T) may see the key at k_pos (L,).
+    """Boolean (B, 1, T, L) mask, True where the query at q_pos (B, T) may see the key at k_pos (L,) or (B, L).
     `full`: every key slot is written (a growing cache), so one new token without a window needs no mask."""
     T = q_pos.shape[-1]
     if window is None and T == 1 and full:
         return None
     qp = q_pos[:, None, :, None]  # (B, 1, T, 1)
+    if k_pos.dim() == 2:
+        k_pos = k_pos[:, None, None, :]  # (B, 1, 1, L)
     mask = k_pos <= qp  # causal
     if window is not None:
         mask = mask & (k_pos > qp - window)  # the token itself and window-1 before it
@@ -159,9 +163,11 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCacheView | None = None,
         num_logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); positions (B, T) default cached_len + arange(T); num_logits_to_keep > 0
-        computes logits for only the last n positions (generation needs one)."""
+        computes logits for only the last n positions (generation needs one); logits_at (B,) computes
+        them at one index per row instead (a padded batch: each row's last real token)."""
         B, T = input_ids.shape
         static = cache is not None and cache.static
         if positions is None:
@@ -172,16 +178,19 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(positions, x.dtype)  # (B, T, hd) each
         # Keys: cache slot j holds position j; without a cache the keys are the queries themselves.
-        k_pos = torch.arange(cache.key_length(positions[0]), device=x.device) if cache is not None else positions[0]
-        masks = {w: attention_mask(positions, k_pos, w, full=not static) for w in self.windows}
+        k_pos = cache.key_positions(positions) if cache is not None else positions[0]
+        full = cache is None or cache.keys_all_valid
+        masks = {w: attention_mask(positions, k_pos, w, full=full) for w in self.windows}
         router_logits = []
         for block in self.layers:
-            x, r = block(x, cos, sin, masks, cache, positions[0])
+            x, r = block(x, cos, sin, masks, cache, positions)
             if r is not None:
                 router_logits.append(r)
         if cache is not None and not static:
             cache.advance(T)
-        if num_logits_to_keep:
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, H)
+        elif num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         x = self.norm(x)
         logits = linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)  # (B, T, V)

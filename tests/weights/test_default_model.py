@@ -74,7 +74,14 @@ def test_stream_equals_generate_and_seed_reproducible(both):
     kw = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=7)
     streamed = "".join(llm.stream("Once upon a time", **kw))
     assert streamed == llm.generate("Once upon a time", **kw)
-    assert llm.generate(["Once upon a time", "Hello"], **kw)[0] == streamed
+    assert llm.generate(["Once upon a time", "Hello"], **kw)[0] == streamed  # seeded: independent of the batch
+
+
+def test_batched_generate_equals_one_by_one(both):
+    _, _, llm = both
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Roses are red,"]
+    kw = dict(max_new_tokens=20, temperature=0, stop=["\n\n"])
+    assert llm.generate(prompts, **kw) == [llm.generate(p, **kw) for p in prompts]
 
 
 def test_stop_string(both):
