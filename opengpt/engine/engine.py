@@ -17,6 +17,8 @@ depend on what else is in the batch.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -237,3 +239,72 @@ class LLMEngine:
                 if out.request_id in results:
                     results[out.request_id].extend(out.new_token_ids)
         return [results[i] for i in ids]
+
+
+class AsyncLLMEngine:
+    """asyncio front of one LLMEngine: add a request, iterate its outputs as they come, abort it.
+
+    One background task runs engine steps in a worker thread (a step is a blocking model forward),
+    so the event loop stays free for the server; each request's outputs go to its own queue.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.loop_task: asyncio.Task | None = None
+        self.wakeup = asyncio.Event()
+        self.lock = threading.Lock()  # add/abort must not interleave with a step in the worker thread
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        """Yield RequestOutputs of one request until it finishes; closing the iterator aborts it."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self.lock:
+            self.engine.add_request(request_id, prompt_ids, params)
+        self.queues[request_id] = queue
+        self._ensure_loop()
+        self.wakeup.set()
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.queues.pop(request_id, None)
+            if request_id in self.engine.requests:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.engine.abort(request_id)
+        queue = self.queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(RequestOutput(request_id, [], True, "abort"))
+
+    def _ensure_loop(self) -> None:
+        if self.loop_task is None or self.loop_task.done():
+            self.loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _step(self) -> list[RequestOutput]:
+        with self.lock:
+            return self.engine.step()
+
+    async def _run(self) -> None:
+        while True:
+            if not self.engine.has_unfinished():
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self._step)
+            except Exception as e:  # a failed step fails its requests, not the loop
+                for rid in list(self.queues):
+                    self.queues[rid].put_nowait(e)
+                    self.abort(rid)
+                continue
+            for out in outputs:
+                queue = self.queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)

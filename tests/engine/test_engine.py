@@ -88,3 +88,34 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     alone = LLMEngine(model, num_blocks=64, block_size=4).generate([[5, 6, 7]], params)[0]
     crowd = LLMEngine(model, num_blocks=64, block_size=4).generate([[9, 9, 9, 9], [5, 6, 7], [11, 12]], params)[1]
     assert alone == crowd
+
+
+def test_async_engine_streams_concurrent_requests_and_aborts():
+    import asyncio
+
+    from opengpt.engine.engine import AsyncLLMEngine
+
+    model = build("dense")
+    ps = prompts(3, seed=5)
+
+    async def main():
+        front = AsyncLLMEngine(LLMEngine(model, num_blocks=64, block_size=4))
+
+        async def collect(rid, p):
+            return [t async for out in front.generate(rid, p, G) for t in out.new_token_ids]
+
+        async def abort_early():
+            got = []
+            async for out in front.generate("x", list(range(3, 40)), G):
+                got.extend(out.new_token_ids)
+                if len(got) == 2:
+                    front.abort("x")
+            return got
+
+        results = await asyncio.gather(*(collect(str(i), p) for i, p in enumerate(ps)), abort_early())
+        return front, results
+
+    front, results = asyncio.run(main())
+    assert results[:3] == [single(model, p) for p in ps]
+    assert len(results[3]) == 2
+    assert front.engine.kv.pool.num_free == 64 and not front.engine.requests
