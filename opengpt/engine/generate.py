@@ -72,6 +72,15 @@ class Generation:
         self.output_ids: list[int] = []
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # per output token, if asked for
 
+    def _record(self, tok: int) -> bool:
+        """Append an emitted token; True, with `finish_reason` set, when generation ends with it."""
+        self.output_ids.append(tok)
+        if tok in self.eos_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.max_new:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
     def __iter__(self) -> Iterator[int]:
         model = self.model
         device = model.embed_tokens.weight.device
@@ -94,13 +103,10 @@ class Generation:
                 tok = sampler(logits[0, -1], history if penalize else None)
                 if self.params.logprobs is not None:
                     self.logprobs.append(token_logprobs(logits[0, -1], tok, self.params.logprobs))
-                self.output_ids.append(tok)
+                done = self._record(tok)
                 yield tok
-                if tok in self.eos_ids:
-                    self.finish_reason = "stop"
+                if done:
                     return
-                if len(self.output_ids) == self.max_new:
-                    break
                 nxt = torch.tensor([[tok]], device=device)
                 if penalize:
                     history = torch.cat([history, nxt[0]])
@@ -108,4 +114,3 @@ class Generation:
                     logits = compiled.step(nxt, torch.tensor([[n_prompt + i]], device=device), cache)
                 else:
                     logits = model(nxt, cache=cache, num_logits_to_keep=1).logits
-        self.finish_reason = "length"

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..model.transformer import Transformer
-from .generate import ContextLengthError, Generation
+from .generate import Generation
 from .kv_cache import KVCache
 from .sampler import Sampler, SamplingParams
 
@@ -131,14 +131,7 @@ class SpeculativeGeneration(Generation):
                 cache.length = start + len(new)  # K/V of rejected draft tokens are dropped
                 for tok in new:
                     tokens.append(tok)
-                    self.output_ids.append(tok)
+                    done = self._record(tok)
                     yield tok
-                    if tok in self.eos_ids:
-                        self.finish_reason = "stop"
+                    if done:
                         return
-                    if len(self.output_ids) == self.max_new:
-                        self.finish_reason = "length"
-                        return
-
-
-__all__ = ["ContextLengthError", "DraftModelProposer", "NgramProposer", "SpeculativeGeneration"]
