@@ -56,6 +56,7 @@ class RequestOutput:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None
+    logprobs: list = field(default_factory=list)  # per new token, if asked for: (logprob, [(id, logprob)])
 
 
 class PagedBatch:
@@ -211,15 +212,18 @@ class LLMEngine:
             if req.num_computed < len(req.tokens):
                 continue  # a prompt chunk (or a recomputation) with more to come: no token yet
             history = torch.tensor(req.tokens) if req.params.repetition_penalty != 1.0 else None
-            tok = req.sampler(logits[b], history)
+            tok = req.sampler(logits[b], history, req.output_ids)
+            lp = None
             if req.params.logprobs is not None:
-                req.logprobs.append(token_logprobs(logits[b], tok, req.params.logprobs))
+                lp = token_logprobs(logits[b], tok, req.params.logprobs)
+                req.logprobs.append(lp)
             req.output_ids.append(tok)
             if tok in req.eos_ids:
                 req.finish_reason = "stop"
             elif len(req.output_ids) >= req.max_new:
                 req.finish_reason = "length"
-            outputs.append(RequestOutput(req.id, [tok], req.finish_reason is not None, req.finish_reason))
+            outputs.append(RequestOutput(req.id, [tok], req.finish_reason is not None, req.finish_reason,
+                                         [] if lp is None else [lp]))
             if req.finish_reason is not None:
                 self.running.remove(req)
                 self.kv.free(req.id)

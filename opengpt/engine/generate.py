@@ -100,7 +100,7 @@ class Generation:
                 positions = torch.arange(s, s + chunk.shape[1], device=device)[None]
                 logits = model(chunk, positions=positions, cache=cache, num_logits_to_keep=1).logits
             for i in range(self.max_new):
-                tok = sampler(logits[0, -1], history if penalize else None)
+                tok = sampler(logits[0, -1], history if penalize else None, self.output_ids)
                 if self.params.logprobs is not None:
                     self.logprobs.append(token_logprobs(logits[0, -1], tok, self.params.logprobs))
                 done = self._record(tok)

@@ -8,9 +8,14 @@ torch.Generator, so its samples do not depend on anything else the process does.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+# A logits processor sees the ids generated so far and the next token's logits (vocab,) and returns
+# the logits to sample from (guided decoding masks with -inf; it must not modify its input in place).
+LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
 
 class SamplingError(ValueError):
@@ -25,10 +30,13 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every generated token
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among generated tokens
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     logprobs: int | None = None  # None: off; n >= 0: the chosen token's logprob and the n most likely
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # applied first, in order
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -40,6 +48,8 @@ class SamplingParams:
             ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables it)"),
             ("min_p", self.min_p, 0 <= self.min_p < 1, "in [0, 1) (0 disables it)"),
             ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1 disables it)"),
+            ("presence_penalty", self.presence_penalty, -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", self.frequency_penalty, -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
             ("logprobs", self.logprobs, self.logprobs is None or 0 <= self.logprobs <= 20, "None or 0..20"),
         ]
         for name, value, ok, valid in checks:
@@ -74,9 +84,16 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
-        """logits (vocab,) float; history (n,) the prompt and generated ids (for the penalty)."""
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None, output_ids: Sequence[int] = ()) -> int:
+        """logits (vocab,) float; history (n,) the prompt and generated ids (for the repetition
+        penalty); output_ids the generated ids (for logits processors and OpenAI's penalties)."""
         p = self.p
+        for proc in p.logits_processors:
+            logits = proc(output_ids, logits)
+        if (p.presence_penalty or p.frequency_penalty) and len(output_ids):
+            ids, counts = torch.tensor(list(output_ids), device=logits.device).unique(return_counts=True)
+            logits = logits.clone()
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
         if p.repetition_penalty != 1.0 and history is not None and history.numel():
             logits = logits.clone()
             seen = logits[history]

@@ -123,7 +123,7 @@ class SpeculativeGeneration(Generation):
                 new = []
                 for i in range(len(draft) + 1):
                     history = torch.tensor(tokens + new, device=device) if penalize else None
-                    tok = sampler(logits[i], history)
+                    tok = sampler(logits[i], history, self.output_ids + new)
                     new.append(tok)
                     if i == len(draft) or tok != draft[i]:
                         break

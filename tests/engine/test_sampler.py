@@ -80,3 +80,24 @@ def test_logprobs_follow_the_full_forward():
     assert len(gen.logprobs) == len(out)
     with pytest.raises(SamplingError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+def test_presence_and_frequency_penalties_follow_openai_rule():
+    # OpenAI: logit[j] -= frequency * count[j] + presence * (count[j] > 0), over generated tokens
+    params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.6)
+    logits = torch.tensor([4.0, 3.5, 2.0, 0.0])
+    assert Sampler(params)(logits, output_ids=[0]) == 1  # 4 - 0.5 - 0.6 = 2.9 < 3.5
+    assert Sampler(params)(logits, output_ids=[0, 0, 0, 1, 1]) == 2  # 1.7, 1.8 < 2.0
+    assert Sampler(params)(logits, output_ids=[]) == 0
+
+
+def test_logits_processors_run_in_order_and_see_the_outputs():
+    seen = []
+
+    def ban_last(output_ids, logits):
+        seen.append(list(output_ids))
+        return logits.index_fill(0, torch.tensor(output_ids[-1:], dtype=torch.long), float("-inf"))
+
+    params = SamplingParams(temperature=0, logits_processors=[ban_last])
+    assert Sampler(params)(LOGITS.clone(), output_ids=[0]) == 1
+    assert seen == [[0]]
