@@ -8,29 +8,27 @@ the batch at every step. When the block pool runs dry, the newest running reques
 blocks freed, to be recomputed later) instead of failing. A new request first takes the longest
 cached prefix of full blocks (`KVCacheManager.computed_prefix`).
 
-The KV tensors live here: one (num_blocks * block_size, n_kv, hd) pool per layer for keys and one
-for values; `PagedBatch` is the model's cache view for one step: it writes each new token to its
-slot and gathers each sequence's keys through its block table (padded to the longest, masked by
-position). Sampling is per request with its own seeded generator, so a request's output does not
-depend on what else is in the batch.
+The KV tensors live here: one (n_kv, num_blocks, block_size, hd) pool per layer for keys and one
+for values; `PagedBatch` is the model's cache view for one step: the step's new tokens of every
+request packed into one row (no padding), written to their slots, each attending over its own blocks.
+Sampling is per request with its own seeded generator, so a request's output does not depend on
+what else is in the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from ..model.transformer import Transformer
+from ..model.transformer import Transformer, attention, attention_mask, plain_attention
 from .block_pool import BlockPool, KVCacheManager
 from .generate import ContextLengthError
 from .sampler import Sampler, SamplingParams, token_logprobs
-
-_FAR = 1 << 40  # key position of an empty slot: after every query, so always masked
-
 
 @dataclass(slots=True, eq=False)  # identity, not field-wise equality
 class Request:
@@ -41,13 +39,13 @@ class Request:
     eos_ids: frozenset[int]
     max_new: int
     output_ids: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # prompt + outputs, kept in step with output_ids
     logprobs: list = field(default_factory=list)
     num_computed: int = 0
     finish_reason: str | None = None
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def __post_init__(self) -> None:
+        self.tokens = self.prompt_ids + self.output_ids
 
 
 @dataclass(slots=True)
@@ -60,30 +58,96 @@ class RequestOutput:
 
 
 class PagedBatch:
-    """The model's KVCacheView for one engine step over the paged pools."""
+    """The model's KVCacheView for one engine step: every scheduled request's new tokens packed into
+    one row (1, N), so no token is padding; attention per request through its block table.
+
+    Pools are (n_kv, num_blocks, block_size, hd) per layer, so gathering a batch's blocks yields keys
+    already laid out for batched matmuls over (KV head, request), with no further copy. Requests with
+    one new token (decoding) attend together with the plain formula; each prompt chunk attends on its
+    own with PyTorch's fused kernel. Masks are built once per step and window, not per layer.
+    """
 
     static = False
-    keys_all_valid = False  # rows are padded to the longest sequence
+    keys_all_valid = False
+    packed = True
+    length = 0
 
-    def __init__(self, k_pool: list[torch.Tensor], v_pool: list[torch.Tensor], write_slots: torch.Tensor,
-                 read_slots: torch.Tensor, key_pos: torch.Tensor):
-        self.k_pool, self.v_pool = k_pool, v_pool
-        self.write_slots = write_slots  # (B, T) slot of each new token, -1 for padding
-        self.read_slots = read_slots  # (B, L) slot of each key a row reads (padding -> slot 0, masked)
-        self.key_pos = key_pos  # (B, L) position of each key, _FAR for padding
-        self.length = 0
+    def __init__(self, engine: LLMEngine, scheduled: list[tuple[Request, int]], device):
+        bs = engine.block_size
+        self.k_pool, self.v_pool, self.bs = engine.k_pool, engine.v_pool, bs
+        ids: list[int] = []
+        write: list[int] = []
+        self.positions: list[int] = []
+        self.chunks: list[tuple[int, int, int, list[int]]] = []  # prompt chunks: (offset, n, start, table)
+        dec_rows, dec_tables, dec_lens = [], [], []
+        for req, n in scheduled:
+            start, offset = req.num_computed, len(ids)
+            table = engine.kv.block_table(req.id)
+            ids += req.tokens[start : start + n]
+            self.positions += range(start, start + n)
+            write += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1:
+                dec_rows.append(offset)
+                dec_tables.append(table[: -(-(start + 1) // bs)])
+                dec_lens.append(start + 1)
+            else:
+                self.chunks.append((offset, n, start, table[: -(-(start + n) // bs)]))
+        self.device = device
+        self.ids = torch.tensor([ids], device=device)
+        self.pos = torch.tensor([self.positions], device=device)
+        self.write = torch.tensor(write, device=device)
+        self.dec_rows = torch.tensor(dec_rows, device=device) if dec_rows else None
+        if dec_rows:
+            width = max(len(t) for t in dec_tables)
+            self.dec_tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=device)
+            self.dec_lens = torch.tensor(dec_lens, device=device)[:, None]  # (Bd, 1)
+            self.dec_kpos = torch.arange(width * bs, device=device)[None]  # (1, L)
+        self.keep: dict = {}  # (row kind, window) -> boolean mask, shared by the layers
+
+    def _keep(self, key, window: int | None) -> torch.Tensor:
+        mask = self.keep.get((key, window))
+        if mask is None:
+            if key == "decode":  # the query sits at position len-1
+                mask = self.dec_kpos < self.dec_lens
+                if window is not None:
+                    mask = mask & (self.dec_kpos >= self.dec_lens - window)
+                mask = mask[None, :, None, :]  # (1, Bd, 1, L): broadcast over KV heads and grouped queries
+            else:
+                offset, n, start, _ = self.chunks[key]
+                q_pos = torch.arange(start, start + n, device=self.device)[None]
+                mask = attention_mask(q_pos, torch.arange(start + n, device=self.device), window)
+            self.keep[(key, window)] = mask
+        return mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+               ) -> torch.Tensor:
+        k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]  # (nkv, blocks, bs, hd)
+        nkv, _, bs, hd = k_pool.shape
+        k_pool.view(nkv, -1, hd)[:, self.write] = k[0]
+        v_pool.view(nkv, -1, hd)[:, self.write] = v[0]
+        q = q[0]  # (nh, N, hd)
+        nh = q.shape[0]
+        out = torch.empty_like(q)
+        if self.dec_rows is not None:
+            Bd = self.dec_rows.shape[0]
+            qd = q[:, self.dec_rows].view(nkv, nh // nkv, Bd, hd).transpose(1, 2)  # (nkv, Bd, g, hd)
+            keys = k_pool[:, self.dec_tables].view(nkv, Bd, -1, hd)  # (nkv, Bd, L, hd)
+            values = v_pool[:, self.dec_tables].view(nkv, Bd, -1, hd)
+            y = plain_attention(qd, keys, values, self._keep("decode", window))  # (nkv, Bd, g, hd)
+            out[:, self.dec_rows] = y.transpose(1, 2).reshape(nh, Bd, hd)
+        for i, (offset, n, start, table) in enumerate(self.chunks):
+            blocks = torch.tensor(table, device=q.device)
+            keys = k_pool[:, blocks].view(nkv, -1, hd)[None, :, : start + n]  # (1, nkv, L, hd)
+            values = v_pool[:, blocks].view(nkv, -1, hd)[None, :, : start + n]
+            out[:, offset : offset + n] = attention(q[None, :, offset : offset + n], keys, values,
+                                                    self._keep(i, window))[0]
+        return out[None]
 
     def update(self, layer, k, v, positions):
-        valid = self.write_slots >= 0  # (B, T)
-        slots = self.write_slots[valid]
-        self.k_pool[layer][slots] = k.transpose(1, 2)[valid]  # (n, nkv, hd)
-        self.v_pool[layer][slots] = v.transpose(1, 2)[valid]
-        keys = self.k_pool[layer][self.read_slots]  # (B, L, nkv, hd)
-        values = self.v_pool[layer][self.read_slots]
-        return keys.transpose(1, 2), values.transpose(1, 2)  # (B, nkv, L, hd)
+        raise NotImplementedError("a packed view attends itself (see attend)")
 
     def key_positions(self, positions):
-        return self.key_pos
+        raise NotImplementedError("a packed view builds its own masks")
 
     def advance(self, n: int) -> None:
         pass
@@ -99,7 +163,7 @@ class LLMEngine:
         self.num_blocks = num_blocks or max(1, kv_cache_bytes // per_block)
         self.model, self.eos_ids, self.block_size = model, frozenset(eos_ids), block_size
         self.max_batch_tokens = max_batch_tokens
-        shape = (self.num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_key_value_heads, self.num_blocks, block_size, cfg.head_dim)
         self.k_pool = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.num_hidden_layers)]
         self.v_pool = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.num_hidden_layers)]
         self.kv = KVCacheManager(BlockPool(self.num_blocks, enable_prefix_caching), block_size)
@@ -178,33 +242,24 @@ class LLMEngine:
         return out
 
     # -- one step ------------------------------------------------------------------------------
-    def _batch(self, scheduled: list[tuple[Request, int]]):
-        device = self.model.embed_tokens.weight.device
-        B, T = len(scheduled), max(n for _, n in scheduled)
-        L = max(r.num_computed + n for r, n in scheduled)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        write = torch.full((B, T), -1, dtype=torch.long)
-        read = torch.zeros(B, L, dtype=torch.long)
-        key_pos = torch.full((B, L), _FAR, dtype=torch.long)
-        for b, (req, n) in enumerate(scheduled):
-            start, end = req.num_computed, req.num_computed + n
-            ids[b, :n] = torch.tensor(req.tokens[start:end])
-            pos[b, :n] = torch.arange(start, end)
-            write[b, :n] = torch.tensor(self.kv.slots(req.id, range(start, end)))
-            read[b, :end] = torch.tensor(self.kv.slots(req.id, range(end)))
-            key_pos[b, :end] = torch.arange(end)
-        view = PagedBatch(self.k_pool, self.v_pool, write.to(device), read.to(device), key_pos.to(device))
-        last = torch.tensor([n - 1 for _, n in scheduled], device=device)
-        return ids.to(device), pos.to(device), view, last
-
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         scheduled = self.schedule()
         if not scheduled:
             return []
-        ids, pos, view, last = self._batch(scheduled)
-        logits = self.model(ids, positions=pos, cache=view, logits_at=last).logits[:, 0]  # (B, V)
+        device = self.model.embed_tokens.weight.device
+        view = PagedBatch(self, scheduled, device)
+        # Logits only where a token is sampled: each request whose computed tokens catch up this step.
+        ends = itertools.accumulate(n for _, n in scheduled)
+        sampling = [(b, end - 1) for b, ((req, n), end) in enumerate(zip(scheduled, ends))
+                    if req.num_computed + n == len(req.tokens)]
+        logits = None
+        if sampling:
+            at = torch.tensor([[i for _, i in sampling]], device=device)
+            logits = self.model(view.ids, positions=view.pos, cache=view, logits_at=at).logits[0]  # (K, V)
+        else:
+            self.model(view.ids, positions=view.pos, cache=view, num_logits_to_keep=1)
+        row = {b: k for k, (b, _) in enumerate(sampling)}
         outputs = []
         for b, (req, n) in enumerate(scheduled):
             req.num_computed += n
@@ -212,12 +267,13 @@ class LLMEngine:
             if req.num_computed < len(req.tokens):
                 continue  # a prompt chunk (or a recomputation) with more to come: no token yet
             history = torch.tensor(req.tokens) if req.params.repetition_penalty != 1.0 else None
-            tok = req.sampler(logits[b], history, req.output_ids)
+            tok = req.sampler(logits[row[b]], history, req.output_ids)
             lp = None
             if req.params.logprobs is not None:
-                lp = token_logprobs(logits[b], tok, req.params.logprobs)
+                lp = token_logprobs(logits[row[b]], tok, req.params.logprobs)
                 req.logprobs.append(lp)
             req.output_ids.append(tok)
+            req.tokens.append(tok)
             if tok in req.eos_ids:
                 req.finish_reason = "stop"
             elif len(req.output_ids) >= req.max_new:

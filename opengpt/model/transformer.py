@@ -44,6 +44,11 @@ class KVCacheView(Protocol):
 
     def advance(self, n: int) -> None: ...
 
+    # A view whose `packed` is True owns attention instead: the batch is one row (1, N) of every
+    # sequence's new tokens, and `attend(layer, q, k, v, window)` stores k, v (1, n_kv, N, hd) and
+    # returns each query's attention over its own sequence, (1, n_heads, N, hd). No mask is built.
+    packed: bool
+
 
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, vocab) float
@@ -53,7 +58,7 @@ class ModelOutput(NamedTuple):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer, self.window = layer, cfg.window(layer)
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
         self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
@@ -81,9 +86,12 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, positions)  # (B, nkv, L, hd)
-        y = attention(q, k, v, mask)  # (B, nh, T, hd)
+        if cache is not None and cache.packed:
+            y = cache.attend(self.layer, q, k, v, self.window)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v, positions)  # (B, nkv, L, hd)
+            y = attention(q, k, v, mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))  # (B, T, H)
 
 
@@ -99,12 +107,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
-    q = q.view(B, nkv, nh // nkv, T, hd)  # query heads grouped by the KV head they share
-    scores = q @ k[:, :, None].transpose(-1, -2) * hd**-0.5  # (B, nkv, g, T, L)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return (probs @ v[:, :, None]).view(B, nh, T, hd)
+    # Query heads grouped by the KV head they share, as extra query rows: (B, nkv, g*T, hd).
+    keep = None if mask is None else mask[:, :, None].expand(B, 1, nh // nkv, T, -1).flatten(2, 3)
+    return plain_attention(q.reshape(B, nkv, -1, hd), k, v, keep).view(B, nh, T, hd)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over any leading batch dims: q (..., M, hd), k/v (..., L, hd), keep a
+    boolean mask broadcastable to (..., M, L) (True = attend). Softmax in fp32."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (..., M, L)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 class Block(nn.Module):
@@ -121,7 +135,7 @@ class Block(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
 
     def forward(self, x, cos, sin, masks, cache, positions):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache, positions)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks.get(self.window), cache, positions)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             h, router_logits = self.mlp(h)
@@ -167,8 +181,8 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); positions (B, T) default cached_len + arange(T); num_logits_to_keep > 0
-        computes logits for only the last n positions (generation needs one); logits_at (B,) computes
-        them at one index per row instead (a padded batch: each row's last real token)."""
+        computes logits for only the last n positions (generation needs one); logits_at (B,) or (B, K)
+        computes them at those indices of each row instead (a batch: each sequence's last new token)."""
         B, T = input_ids.shape
         static = cache is not None and cache.static
         if positions is None:
@@ -179,9 +193,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(positions, x.dtype)  # (B, T, hd) each
         # Keys: cache slot j holds position j; without a cache the keys are the queries themselves.
-        k_pos = cache.key_positions(positions) if cache is not None else positions[0]
+        k_pos = cache.key_positions(positions) if cache is not None and not cache.packed else positions[0]
         full = cache is None or cache.keys_all_valid
-        masks = {w: attention_mask(positions, k_pos, w, full=full) for w in self.windows}
+        packed = cache is not None and cache.packed  # the cache view masks per sequence itself
+        masks = {} if packed else {w: attention_mask(positions, k_pos, w, full=full) for w in self.windows}
         router_logits = []
         for block in self.layers:
             x, r = block(x, cos, sin, masks, cache, positions)
@@ -190,7 +205,8 @@ class Transformer(nn.Module):
         if cache is not None and not static:
             cache.advance(T)
         if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, H)
+            at = logits_at if logits_at.dim() == 2 else logits_at[:, None]  # (B, K)
+            x = x[torch.arange(B, device=x.device)[:, None], at]  # (B, K, H)
         elif num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         x = self.norm(x)
