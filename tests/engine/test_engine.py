@@ -67,6 +67,27 @@ def test_prefix_cache_hits_give_identical_outputs():
     assert all(b.ref_count == 0 for b in engine.kv.pool.blocks)
 
 
+@pytest.mark.parametrize("variant", ["dense", "sliding-mixed"])
+def test_chunked_prefill_in_the_engine_equals_one_pass(variant):
+    model = build(variant)
+    prompt = torch.randint(3, 80, (90,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+
+    def run(budget):
+        engine = LLMEngine(model, num_blocks=64, block_size=4, max_batch_tokens=budget)
+        engine.add_request("r", prompt, params)
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        return [t for o in outs for t in o.new_token_ids], [lp for o in outs for lp in o.logprobs]
+
+    (tok_a, lp_a), (tok_b, lp_b) = run(512), run(7)  # one pass vs 13 chunks of at most 7 tokens
+    assert tok_a == tok_b == single(model, prompt, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    for (a, top_a), (b, top_b) in zip(lp_a, lp_b):
+        assert a == pytest.approx(b, abs=1e-5)
+        assert [i for i, _ in top_a] == [i for i, _ in top_b]
+
+
 def test_abort_frees_blocks_at_once():
     model = build("dense")
     engine = LLMEngine(model, num_blocks=32, block_size=4)
