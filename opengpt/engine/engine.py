@@ -55,6 +55,11 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     logprobs: list = field(default_factory=list)  # per new token, if asked for: (logprob, [(id, logprob)])
+    error: str | None = None  # finish_reason "error": why this request failed (the others go on)
+
+
+class RequestFailed(RuntimeError):
+    """One request failed inside an engine step (its sampling raised); the batch went on without it."""
 
 
 class PagedBatch:
@@ -156,13 +161,18 @@ class PagedBatch:
 class LLMEngine:
     def __init__(self, model: Transformer, eos_ids: frozenset[int] | set[int] = frozenset(), num_blocks: int | None = None,
                  block_size: int = 16, kv_cache_bytes: int = 1 << 30, max_batch_tokens: int = 512,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 256):
+        """kv_cache_bytes: the pool's budget, or num_blocks exactly. The pool never takes more than
+        max_num_seqs full-context sequences need (a tiny model must not allocate a GiB of blocks).
+        max_batch_tokens: tokens computed per step (decode tokens + prompt chunks); max_num_seqs:
+        requests running at once."""
         cfg = model.config
         w = model.embed_tokens.weight
         per_block = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * w.element_size()
-        self.num_blocks = num_blocks or max(1, kv_cache_bytes // per_block)
+        most_useful = max_num_seqs * -(-cfg.max_position_embeddings // block_size)
+        self.num_blocks = num_blocks or max(1, min(kv_cache_bytes // per_block, most_useful))
         self.model, self.eos_ids, self.block_size = model, frozenset(eos_ids), block_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens, self.max_num_seqs = max_batch_tokens, max_num_seqs
         shape = (cfg.num_key_value_heads, self.num_blocks, block_size, cfg.head_dim)
         self.k_pool = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.num_hidden_layers)]
         self.v_pool = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(cfg.num_hidden_layers)]
@@ -227,7 +237,7 @@ class LLMEngine:
             else:
                 out.append((req, n))
                 budget -= n
-        while self.waiting and budget > 0:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             prefix = self.kv.computed_prefix(req.tokens)
             computed = len(prefix) * self.block_size
@@ -267,7 +277,12 @@ class LLMEngine:
             if req.num_computed < len(req.tokens):
                 continue  # a prompt chunk (or a recomputation) with more to come: no token yet
             history = torch.tensor(req.tokens) if req.params.repetition_penalty != 1.0 else None
-            tok = req.sampler(logits[row[b]], history, req.output_ids)
+            try:
+                tok = req.sampler(logits[row[b]], history, req.output_ids)
+            except Exception as e:  # e.g. a logits processor that raised: fail this request, not the batch
+                outputs.append(RequestOutput(req.id, [], True, "error", error=f"{type(e).__name__}: {e}"))
+                self.abort(req.id)
+                continue
             lp = None
             if req.params.logprobs is not None:
                 lp = token_logprobs(logits[row[b]], tok, req.params.logprobs)
@@ -296,6 +311,8 @@ class LLMEngine:
             self.add_request(rid, p, sp)
         while any(r in self.requests for r in ids):
             for out in self.step():
+                if out.error and out.request_id in results:
+                    raise RequestFailed(f"request {out.request_id}: {out.error}")
                 if out.request_id in results:
                     results[out.request_id].extend(out.new_token_ids)
         return [results[i] for i in ids]
@@ -367,4 +384,4 @@ class AsyncLLMEngine:
             for out in outputs:
                 queue = self.queues.get(out.request_id)
                 if queue is not None:
-                    queue.put_nowait(out)
+                    queue.put_nowait(RequestFailed(out.error) if out.error else out)

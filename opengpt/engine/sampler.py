@@ -113,4 +113,7 @@ class Sampler:
         probs = logits.softmax(-1)
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        if not bool(torch.isfinite(probs).all()) or not bool(probs.sum() > 0):
+            raise SamplingError("the sampling distribution is not finite (every token masked, or an extreme "
+                                "temperature/penalty overflowed); check the request's sampling parameters")
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -140,3 +140,36 @@ def test_async_engine_streams_concurrent_requests_and_aborts():
     assert results[:3] == [single(model, p) for p in ps]
     assert len(results[3]) == 2
     assert front.engine.kv.pool.num_free == 64 and not front.engine.requests
+
+
+def test_a_failing_request_fails_alone():
+    model = build("dense")
+
+    def broken(output_ids, logits):
+        raise RuntimeError("processor bug")
+
+    engine = LLMEngine(model, num_blocks=64, block_size=4)
+    engine.add_request("bad", [5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0, logits_processors=[broken]))
+    engine.add_request("good", [5, 6, 7], G)
+    outputs: dict = {}
+    errors = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.error:
+                errors.append((out.request_id, out.finish_reason, out.error))
+    assert errors == [("bad", "error", "RuntimeError: processor bug")]
+    assert outputs["good"] == single(model, [5, 6, 7])
+    assert engine.kv.pool.num_free == 64
+
+
+def test_pool_is_capped_by_what_max_num_seqs_can_use():
+    model = build("dense")
+    ctx = model.config.max_position_embeddings
+    engine = LLMEngine(model, block_size=4, kv_cache_bytes=1 << 30, max_num_seqs=2)
+    assert engine.num_blocks == 2 * -(-ctx // 4)
+    for i, p in enumerate(prompts(5, seed=2)):
+        engine.add_request(str(i), p, G)
+    while engine.has_unfinished():
+        engine.step()
+        assert len(engine.running) <= 2
