@@ -1,0 +1,79 @@
+"""Helpers shared by the benchmark scripts: run conditions, timing, one generation's speed, JSON output.
+
+Every script measures side by side in one process (bandwidth on these VMs drifts ±20% between runs,
+more while other work shares the CPU), so each result records the conditions it was taken under:
+threads, versions and the load average before and after. Decode speed is read off one generation's
+token timestamps: the first token arrives after the prefill, the rest each after one decode step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def conditions() -> dict:
+    """What a figure depends on besides the code: machine, threads, versions, current CPU load."""
+    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "load_average_1min_at_start": os.getloadavg()[0]}
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@dataclass
+class TokenTimes:
+    """One generation's tokens and when they came: the first after the prefill, each later one after
+    one decode step (sampling included)."""
+
+    tokens: list[int]
+    first_token_s: float  # prefill + first sample
+    steps_s: list[float]  # each decode step
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Decode throughput over the whole run."""
+        return len(self.steps_s) / sum(self.steps_s)
+
+    @property
+    def median_step_tok_s(self) -> float:
+        """1 / the median step: the per-token speed, robust to bursts of load from other processes."""
+        return 1 / statistics.median(self.steps_s)
+
+
+def time_tokens(tokens: Iterable[int]) -> TokenTimes:
+    """Drain a token iterator, stamping each token."""
+    out, stamps = [], [time.perf_counter()]
+    for tok in tokens:
+        stamps.append(time.perf_counter())
+        out.append(tok)
+    if len(out) < 2:
+        raise ValueError("decode speed needs at least 2 generated tokens; raise the number of new tokens")
+    return TokenTimes(out, stamps[1] - stamps[0], [b - a for a, b in itertools.pairwise(stamps[1:])])
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    """Write a result with the load average at its end (the start is in `conditions()`)."""
+    result.setdefault("conditions", {})["load_average_1min_at_end"] = os.getloadavg()[0]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -1,0 +1,83 @@
+"""`opengpt serve` as a user runs it: a subprocess on a checkpoint directory, stopped with SIGTERM
+while a stream is running (graceful shutdown drains it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import transformers
+
+from tests.conftest import save_hf_checkpoint
+from tests.server.conftest import bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tok = bpe_tokenizer(path / "tok")
+    save_hf_checkpoint(transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=4096), path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # the BPE tokenizer replaces the word-level one
+        (path / f).write_bytes((path / "tok" / f).read_bytes())
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_drains_running_stream_on_sigterm(checkpoint, tmp_path):
+    port = free_port()
+    keys = tmp_path / "keys"
+    keys.write_text("sk-test\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "opengpt", "serve", "--model", str(checkpoint), "--port", str(port),
+                             "--api-key-file", str(keys), "--served-model-name", "tiny", "--kv-cache-gib", "0.01"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.2)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        events = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": "Bearer sk-test"}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    proc.send_signal(signal.SIGTERM)  # mid-stream
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 600
+        # uvicorn re-raises the signal once it has drained, so the exit is "terminated by SIGTERM"
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = proc.stdout.read().decode()
+        assert "Traceback" not in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
