@@ -1,0 +1,1 @@
+"""Training: recipes, data, the loop, checkpoints and multi-process setup (see trainer.py)."""
