@@ -21,6 +21,11 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-test: $(VENV)/.setup
 	$(PIP) install -q -e ".[test]"
+	@# The chat-page test drives Debian's headless Chromium; it is skipped (with a reason) where it cannot be installed.
+	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1))) || \
+		echo "chromium not installed: the chat-page browser test will be skipped"
 	touch $@
 
 setup: $(VENV)/.setup

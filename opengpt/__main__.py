@@ -4,6 +4,9 @@
     opengpt chat --model /path/to/checkpoint          # interactive
     opengpt generate --model M --max-new-tokens 64 --temperature 0 "Once upon a time"
     opengpt info --model M
+    opengpt serve --model M --port 8000 --api-key sk-local   # OpenAI-compatible server
+    opengpt train configs/pretrain-tiny-moe.yaml --max-steps 20   # recipes: YAML fields, any overridden by flags
+    opengpt finetune configs/sft-default-lora.yaml --merge
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ MinP = Annotated[float, typer.Option(help="Drop tokens less likely than min_p ti
 RepPenalty = Annotated[float, typer.Option(help="Penalty > 1 discourages repeating tokens already in the text; 1 disables.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")]
 Compile = Annotated[bool, typer.Option("--compile", help="Compile the decode step with torch.compile: about 2x faster decoding after a one-time compile of about a minute.")]
-Quantize = Annotated[Optional[str], typer.Option(help="Weight-only quantization of the linear layers: int8 (per channel) or int4 (group-wise); faster decoding, slightly lower quality.")]
+Quantize = Annotated[Optional[str], typer.Option(help="Weight-only quantization of the linear layers: int8 (per channel) or int4 (group-wise), faster decoding, slightly lower quality; or gguf: keep a .gguf file's Q8_0/Q4_0/Q4_1 tensors packed instead of dequantizing them. Not needed for a checkpoint written by `opengpt quantize`.")]
 Speculative = Annotated[Optional[str], typer.Option(help="Speculative decoding for greedy requests (--temperature 0): 'ngram' (prompt lookup) or the path of a smaller draft model with the same tokenizer. Same output, fewer model forwards.")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")]
 
@@ -161,6 +164,116 @@ def info(
         print(f"{k.replace('_', ' '):<{width}}  {v}")
 
 
+@app.command("quantize")
+def quantize_command(
+    src: Annotated[str, typer.Argument(help="The checkpoint to quantize: a Hugging Face checkpoint directory, a .gguf file, or 'default' (the embedded SmolLM2-135M-Instruct).")],
+    out: Annotated[str, typer.Argument(help="The directory to write: config.json with a quantization_config block, model.safetensors, tokenizer files. It must not exist yet or be empty.")],
+    mode: Annotated[str, typer.Option(help="int8: one scale per output channel (about a quarter of float32's bytes, close to lossless); int4: a scale and zero per group of --group-size input columns (about an eighth, lower quality).")],
+    group_size: Annotated[int, typer.Option(help="int4 only: input columns sharing a scale and zero: 32, 64, 128 or 256. Smaller groups are more accurate and slightly larger; a layer whose input width is not a multiple stays in float.")] = 32,
+    dtype: Annotated[str, typer.Option(help="dtype of the tensors that stay in float (embedding, norms, layers the kernels cannot take): float32 or bfloat16.")] = "float32",
+) -> None:
+    """Quantize a checkpoint's linear layers (weight-only) and save it; `--model OUT` then loads it quantized as is.
+
+    Weights are quantized from float32, exactly as `--quantize` does at load time; layers whose shape the CPU kernels cannot take keep float weights (logged).
+    """
+    import logging
+
+    from .quantize import quantize_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    typer.secho(f"quantizing {src} to {mode} ...", err=True, dim=True)
+    summary = quantize_checkpoint(src, out, mode, group_size=group_size, dtype=dtype, progress=True)
+    detail = f", group size {summary['group_size']}" if summary["group_size"] else ""
+    typer.secho(f"wrote {summary['path']}: {summary['quantized_layers']} linear layers {mode}{detail}, "
+                f"{summary['float_layers']} kept in float; model.safetensors {summary['bytes'] / 1e6:.1f} MB", err=True)
+
+
+@app.command()
+def serve(
+    model: Model = "default",
+    dtype: Dtype = "float32",
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[list[str]], typer.Option(envvar="OPENGPT_API_KEY", help="Require this key as 'Authorization: Bearer <key>' on /v1 routes (repeatable).")] = None,
+    api_key_file: Annotated[Optional[str], typer.Option(help="A file of accepted API keys, one per line.")] = None,
+    served_model_name: Annotated[Optional[list[str]], typer.Option(help="Name(s) clients pass as `model` (repeatable); default: the checkpoint's name.")] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Sequences generating at once.")] = 64,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a slot; past that, new requests get 429.")] = 256,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 above).")] = 8 << 20,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included (then 504).")] = 600.0,
+    kv_cache_gib: Annotated[float, typer.Option(help="Memory of the paged KV cache, in GiB.")] = 1.0,
+    max_batch_tokens: Annotated[int, typer.Option(help="Tokens one engine step computes at most (prompt chunks + decodes).")] = 512,
+    quantize: Quantize = None,
+) -> None:
+    """Serve a model over the OpenAI API (chat, completions, embeddings, models) with a chat page at /."""
+    from pathlib import Path
+
+    from .api import LLM
+    from .server.app import ServerConfig, create_app, read_api_keys
+    from .server.app import serve as run_server
+
+    names = served_model_name or list(dict.fromkeys(["default" if model == "default" else Path(model).stem, model]))
+    try:
+        keys = list(api_key or []) + (read_api_keys(api_key_file) if api_key_file else [])
+        config = ServerConfig(model_names=names, api_keys=keys, max_concurrency=max_concurrency, max_queue=max_queue,
+                              max_body_bytes=max_body_bytes, request_timeout=request_timeout)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    typer.secho(f"loading {model} ({dtype}) ...", err=True, dim=True)
+    llm = LLM.load(model, dtype=dtype, quantize=quantize, kv_cache_bytes=int(kv_cache_gib * (1 << 30)),
+                   max_batch_tokens=max_batch_tokens, progress=True)
+    typer.secho(f"serving {names[0]!r} on http://{host}:{port}/v1 (chat page: http://{host}:{port}/)"
+                f"{'' if keys else ' without API keys'}", err=True)
+    run_server(create_app(llm, config), host=host, port=port, drain_timeout=request_timeout)
+
+
+_RECIPE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+Recipe = Annotated[Optional[str], typer.Argument(help="A YAML recipe (configs/*.yaml) whose fields are this command's arguments.")]
+Resume = Annotated[Optional[str], typer.Option(help="A run directory (its out_dir) to continue from its newest valid checkpoint; a corrupt one falls back to the previous.")]
+
+
+def _run_recipe(recipe: str | None, overrides: list[str], resume: str | None, merge: bool = False, sft: bool = False) -> None:
+    import logging
+
+    from .train.recipe import load_recipe
+    from .train.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if recipe is not None and recipe.startswith("--"):  # no recipe file: click took the first override for it
+        recipe, overrides = None, [recipe, *overrides]
+    cfg = load_recipe(recipe, overrides + (["--out-dir", resume] if resume else []))
+    if sft and not cfg.sft_data:
+        _fail("finetune needs sft_data in the recipe (a chat JSONL file or builtin:arith-tools)")
+    summary = train(cfg, resume=resume is not None, merge=merge)
+    if summary.get("eval_loss") is not None:
+        typer.secho(f"step {summary['step']}: eval loss {summary['eval_loss']:.4f}; outputs in {summary['out_dir']}", err=True)
+
+
+@app.command(context_settings=_RECIPE_SETTINGS)
+def train(ctx: typer.Context, recipe: Recipe = None, resume: Resume = None) -> None:
+    """Pretrain a model from a YAML recipe; override any field with --field value (e.g. --max-steps 20 --out-dir runs/x).
+
+    Metrics go to OUT_DIR/metrics.jsonl and OUT_DIR/loss.png, checkpoints to OUT_DIR/checkpoints, the final
+    model (a Hugging Face checkpoint directory) to OUT_DIR/final. Under `torchrun --nproc-per-node N -m opengpt
+    train ...` the model is sharded with FSDP2 (--parallel ddp for DDP). Fields: see opengpt/train/recipe.py.
+    """
+    _run_recipe(recipe, list(ctx.args), resume)
+
+
+@app.command(context_settings=_RECIPE_SETTINGS)
+def finetune(
+    ctx: typer.Context,
+    recipe: Recipe = None,
+    resume: Resume = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write OUT_DIR/merged: the base model with the LoRA adapters merged in, a checkpoint `--model` loads.")] = False,
+) -> None:
+    """Supervised fine-tuning (LoRA or full) on chat data, loss on assistant tokens only; same recipe rules as `train`.
+
+    LoRA adapters are saved in PEFT's format to OUT_DIR/adapter.
+    """
+    _run_recipe(recipe, list(ctx.args), resume, merge=merge, sft=True)
+
+
 def main() -> None:
     from .config import ConfigError
     from .engine.generate import ContextLengthError
@@ -169,11 +282,14 @@ def main() -> None:
     from .tokenizer import TokenizerError
     from .weights.default import DefaultModelMissing
     from .weights.hf import CheckpointError
+    from .lora import LoRAError
+    from .train.data import DataError
+    from .train.recipe import RecipeError
 
     try:
         app()
     except (CheckpointError, ConfigError, ContextLengthError, SamplingError, TokenizerError, DefaultModelMissing,
-            QuantizeError) as e:
+            QuantizeError, RecipeError, DataError, LoRAError) as e:
         _fail(str(e))
 
 

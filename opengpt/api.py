@@ -12,6 +12,7 @@ is the engine's single loop.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,27 @@ class StopMatcher:
         return out
 
 
+class TextStream:
+    """Token ids -> text deltas for one request: UTF-8-safe decoding, EOS and special tokens hidden,
+    cut before the first stop string. The single-stream loop, the batch and the server all use it."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str]):
+        self.decoder: StreamDecoder = tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
+        self.stops = StopMatcher(stop)
+        self.eos_ids = tokenizer.eos_token_ids
+
+    def push(self, tok: int) -> tuple[str, bool]:
+        """Text that is safe to show after `tok`, and whether a stop string was reached."""
+        if tok in self.eos_ids:
+            return "", False  # generation ends after EOS; its text is never shown
+        return self.stops.push(self.decoder.add(tok))
+
+    def flush(self) -> str:
+        """The held-back rest, once generation has ended without a stop string."""
+        text, _ = self.stops.push(self.decoder.flush())
+        return text + self.stops.flush()
+
+
 @dataclass
 class Completion:
     text: str = ""
@@ -89,16 +111,14 @@ class LLM:
         """Load a HF checkpoint directory, a .gguf file, or "default" (the embedded SmolLM2-135M-Instruct).
 
         compile: run the decode step through torch.compile (faster decode after a one-time compile).
-        quantize: "int8" (per channel) or "int4" (group-wise) weight-only quantization of the linear layers.
+        quantize: "int8" (per channel) or "int4" (group-wise) weight-only quantization of the linear layers;
+            "gguf": keep a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors packed as stored instead of dequantizing
+            them. A directory written by `opengpt quantize` loads quantized without it.
         speculative: "ngram" (prompt lookup) or the path of a smaller draft model with the same vocabulary;
             greedy requests then verify drafted tokens in one forward (same output, fewer forwards).
         kv_cache_bytes, max_batch_tokens: the paged KV pool and the per-step token budget of the batching
             engine that runs lists of prompts."""
-        cfg, model, tok, p = load_model(path, dtype=dtype, device=device, progress=progress)
-        if quantize:
-            from .quantize import quantize_model
-
-            quantize_model(model, quantize)
+        cfg, model, tok, p = load_model(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
         proposer = None
         if speculative:
             from .engine.speculative import DraftModelProposer, NgramProposer
@@ -130,22 +150,18 @@ class LLM:
             gen = SpeculativeGeneration(self.model, prompt_ids, params, self.proposer, self.tokenizer.eos_token_ids)
         else:
             gen = Generation(self.model, prompt_ids, params, self.tokenizer.eos_token_ids, compiled=self.compiled)
-        decoder: StreamDecoder = self.tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
-        stops = StopMatcher(params.stop)
+        out = TextStream(self.tokenizer, prompt_ids, params.stop)
         c.logprobs = gen.logprobs  # filled as tokens are generated
         for tok in gen:
             c.token_ids.append(tok)
-            if tok in gen.eos_ids:
-                continue  # the loop ends after EOS; its text is never shown
-            text, stopped = stops.push(decoder.add(tok))
+            text, stopped = out.push(tok)
             if text:
                 c.text += text
                 yield text
             if stopped:
                 c.finish_reason = "stop"
                 return
-        text, _ = stops.push(decoder.flush())
-        text += stops.flush()
+        text = out.flush()
         if text:
             c.text += text
             yield text
@@ -169,20 +185,49 @@ class LLM:
             return self.generate_batch([self.tokenizer.encode(p) for p in prompt], SamplingParams(**sampling))
         return self.complete(prompt, **sampling).text
 
-    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+    @property
+    def engine(self):
+        """The continuous-batching engine over this model (built on first use)."""
         from .engine.engine import LLMEngine
 
         if self._engine is None:
             self._engine = LLMEngine(self.model, self.tokenizer.eos_token_ids, **self.engine_args)
-        texts = []
-        for prompt_ids, ids in zip(prompts, self._engine.generate(prompts, params)):
-            if ids and ids[-1] in self.tokenizer.eos_token_ids and not params.ignore_eos:
-                ids = ids[:-1]
-            decoder = self.tokenizer.stream_decoder(skip_special_tokens=True, prompt_ids=prompt_ids)
-            text = "".join(decoder.add(t) for t in ids) + decoder.flush()
-            cut = [i for i in (text.find(s) for s in params.stop) if i >= 0]  # stop strings, after the fact
-            texts.append(text[: min(cut)] if cut else text)
-        return texts
+        return self._engine
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+        """Completions of token-id prompts through the engine, in order; a request that reaches a stop
+        string is aborted there (its blocks freed) instead of running on to max_new_tokens."""
+        from .engine.engine import RequestFailed
+
+        engine = self.engine
+        batch = uuid.uuid4().hex[:12]
+        ids = [f"batch-{batch}-{i}" for i in range(len(prompts))]
+        streams = {rid: TextStream(self.tokenizer, p, params.stop) for rid, p in zip(ids, prompts)}
+        texts = dict.fromkeys(ids, "")
+        for rid, p in zip(ids, prompts):
+            engine.add_request(rid, p, params)
+        try:
+            while any(rid in engine.requests for rid in ids):
+                for o in engine.step():
+                    stream = streams.get(o.request_id)
+                    if stream is None:
+                        continue  # another caller's request
+                    if o.error:
+                        raise RequestFailed(f"prompt {ids.index(o.request_id)}: {o.error}")
+                    for tok in o.new_token_ids:
+                        text, stopped = stream.push(tok)
+                        texts[o.request_id] += text
+                        if stopped:
+                            engine.abort(o.request_id)
+                            del streams[o.request_id]
+                            break
+                    else:
+                        if o.finished:
+                            texts[o.request_id] += stream.flush()
+        finally:
+            for rid in ids:  # an exception (e.g. Ctrl-C) must not leave requests holding blocks
+                engine.abort(rid)
+        return [texts[rid] for rid in ids]
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)

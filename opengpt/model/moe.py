@@ -2,10 +2,13 @@
 
 Follows the Switch/GShard family as used by Mixtral (Jiang et al. 2024), Qwen2-MoE/Qwen3-MoE and
 OLMoE (Muennighoff et al. 2024). The router takes a softmax over all experts, keeps the top k and
-optionally renormalises them. Experts are stored as stacked weights (E, out, in) and dispatched by
-sorting the (token, slot) pairs by expert, so each expert runs one matmul over exactly the tokens
-routed to it: no dense all-experts compute and no per-expert mask over every token. The training
-losses (Switch load balancing, ST-MoE router z-loss) live here beside the router that produces them.
+optionally renormalises them. Experts are stored as stacked weights (E, out, in). Many tokens are
+dispatched by sorting the (token, slot) pairs by expert, so each expert runs one matmul over exactly
+the tokens routed to it: no dense all-experts compute and no per-expert mask over every token. A
+single token (decode) skips the dispatch and runs its k experts directly on the stacked weights, and
+a compiled decode step indexes them: decode costs about what a dense MLP with the same active
+parameters costs (benchmarks/moe.py). The training losses (Switch load balancing, ST-MoE router
+z-loss) live here beside the router that produces them.
 """
 
 from __future__ import annotations
@@ -46,9 +49,21 @@ class Experts(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, H); experts, weights (N, k): each token's chosen experts and their router weights."""
         if torch.compiler.is_compiling():
             return self._gathered(x, experts, weights)
-        N, k = experts.shape
+        if x.shape[0] == 1:
+            return self._direct(x, experts, weights)
+        return self._grouped(x, experts, weights)
+
+    def _expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows h (n, H) -> (n, H), straight from the stacked weights (views, no copy)."""
+        return F.linear(self.act(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]), self.down_proj[e])
+
+    def _grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Many tokens (prefill, a batch): sort the (token, slot) pairs by expert, one matmul per expert
+        over exactly its tokens, then scatter-add the weighted rows back to their tokens."""
+        k = experts.shape[1]
         flat = experts.flatten()  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)  # group slots by expert
         token = order // k  # (N*k,) token of each grouped slot
@@ -59,12 +74,24 @@ class Experts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            h = xs[start : start + n]  # (n, H)
-            h = self.act(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])  # (n, I)
-            outs.append(F.linear(h, self.down_proj[e]))  # (n, H)
+            outs.append(self._expert(e, xs[start : start + n]))  # (n, H)
             start += n
         ys = torch.cat(outs) * weights.flatten()[order, None]  # (N*k, H) weighted by router
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def _direct(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token (a decode step): its k experts as 3k matrix-vector products on the stacked weights.
+
+        The grouped dispatch adds eight small ops a layer (sort, count, gather, concatenate, scatter),
+        each an OpenMP region that stalls when the CPU is shared: on a 30-layer, 8-expert top-2 model
+        they made bf16 eager decode 1.27x slower than the dense twin, 1.08x without them. Experts are
+        summed in increasing id, the order `_grouped` adds them in, so a token rounds the same way
+        whether it is decoded alone or in a batch (up to the matmul kernels' own rounding)."""
+        y = None
+        for e, j in sorted(zip(experts[0].tolist(), range(experts.shape[1]))):
+            ye = self._expert(e, x) * weights[:, j, None]  # (1, H)
+            y = ye if y is None else y + ye
+        return y
 
     def _gathered(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Compilable form for the few tokens of a decode step: group sizes are data-dependent, which

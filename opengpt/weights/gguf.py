@@ -2,7 +2,8 @@
 
 This file owns everything GGUF-specific: parsing (`gguf.GGUFReader`, memory-mapped), dequantizing
 tensors (vectorised torch for F32/F16/BF16/Q8_0/Q4_0/Q4_1, gguf's numpy reference for anything
-else, K-quants included), undoing llama.cpp's q/k row permutation, renaming tensors to Hugging Face
+else, K-quants included) or keeping Q8_0/Q4_0/Q4_1 tensors in their blocks (`BlockQuant`, for
+`quantize="gguf"`), undoing llama.cpp's q/k row permutation, renaming tensors to Hugging Face
 keys, and rebuilding the tokenizer from the vocabulary in the metadata exactly as transformers does
 (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`). Everything downstream (config, model
 building) sees the same dicts a transformers checkpoint directory would give. Problems raise
@@ -63,13 +64,14 @@ class GGUFCheckpoint:
     """What a GGUF file holds, in the shapes a Hugging Face checkpoint directory would give them.
 
     hf_config: config.json-style dict; state_dict: HF keys, (out, in) tensors in the requested dtype
-    (no lm_head.weight when the head is tied to the embedding); tokenizer: a `tokenizers.Tokenizer`;
+    (no lm_head.weight when the head is tied to the embedding), or `BlockQuant` for Q8_0/Q4_0/Q4_1
+    tensors read with keep_packed=True; tokenizer: a `tokenizers.Tokenizer`;
     tokenizer_config: tokenizer_config.json-style dict (special tokens, chat_template, add_bos/eos);
     eos_token_ids: ids that end generation; metadata: the file's non-array fields as plain values.
     """
 
     hf_config: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor | BlockQuant]
     tokenizer: Any  # tokenizers.Tokenizer
     tokenizer_config: dict[str, Any]
     eos_token_ids: list[int]
@@ -236,6 +238,68 @@ def read_gguf_config(source: str | Path | GGUFCheckpoint) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- tensors
 
 _TORCH_BLOCKS = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+BLOCK = 32  # weights per Q8_0 / Q4_0 / Q4_1 block
+
+
+@dataclass
+class BlockQuant:
+    """A Q8_0, Q4_0 or Q4_1 tensor unpacked from its blocks but not dequantized (llama.cpp's ggml-quants.c).
+
+    Along the last dim, each run of 32 weights shares a scale d (and, for Q4_1, a minimum m):
+    Q8_0: w = d * q, q int8;  Q4_0: w = d * (q - 8), q in 0..15;  Q4_1: w = d * q + m, q in 0..15.
+    q: (..., K) int8 (Q8_0) or uint8 (Q4); d, m: (..., K / 32) float16, exactly as stored in the file.
+    """
+
+    qtype: str  # "Q8_0" | "Q4_0" | "Q4_1"
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 weights, bit for bit what gguf's reference dequantizer gives."""
+        d = self.d.float().unsqueeze(-1)  # (..., K/32, 1)
+        q = self.q.unflatten(-1, (-1, BLOCK)).float()  # (..., K/32, 32)
+        if self.qtype == "Q8_0":
+            w = q * d
+        elif self.qtype == "Q4_0":
+            w = (q - 8) * d
+        else:
+            w = d * q + self.m.float().unsqueeze(-1)
+        return w.flatten(-2)
+
+    def map_rows(self, fn) -> BlockQuant:
+        """The same blocks with `fn` (a permutation or reshape of the leading dim) applied to q, d and m alike."""
+        return BlockQuant(self.qtype, fn(self.q), fn(self.d), None if self.m is None else fn(self.m))
+
+
+def unpack_blocks(data: torch.Tensor, ggml_type: Q | int, shape: tuple[int, ...]) -> BlockQuant:
+    """Raw bytes (uint8) of a Q8_0 / Q4_0 / Q4_1 tensor -> its quants and scales, shaped like `shape`."""
+    qtype = Q(int(ggml_type))
+    if qtype not in _TORCH_BLOCKS:
+        raise GGUFError(f"{qtype.name} is not a Q8_0, Q4_0 or Q4_1 tensor; only those can be kept packed")
+    block_bytes = _check_size(data, qtype, shape)
+    blocks = data.reshape(-1, block_bytes)  # (n_blocks, block_bytes)
+    lead = (*shape[:-1], shape[-1] // BLOCK)
+    d = blocks[:, :2].contiguous().view(torch.float16).reshape(lead)
+    if qtype == Q.Q8_0:
+        return BlockQuant("Q8_0", blocks[:, 2:].contiguous().view(torch.int8).reshape(shape), d)
+    qs = blocks[:, -16:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).reshape(shape)  # low nibbles: elements 0..15, high: 16..31
+    if qtype == Q.Q4_0:
+        return BlockQuant("Q4_0", q, d)
+    return BlockQuant("Q4_1", q, d, blocks[:, 2:4].contiguous().view(torch.float16).reshape(lead))
+
+
+def _check_size(data: torch.Tensor, qtype: Q, shape: tuple[int, ...]) -> int:
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    n = math.prod(shape)
+    if (shape[-1] if shape else 1) % block_elems or data.numel() != n // block_elems * block_bytes:
+        raise GGUFError(f"{data.numel()} bytes do not hold a {qtype.name} tensor of shape {tuple(shape)}")
+    return block_bytes
 
 
 def dequantize(data: torch.Tensor, ggml_type: Q | int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -244,10 +308,7 @@ def dequantize(data: torch.Tensor, ggml_type: Q | int, shape: tuple[int, ...]) -
     `shape` is the torch shape, i.e. GGUF's `ne` reversed: the last dim is the one blocks run along.
     """
     qtype = Q(int(ggml_type))
-    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    n = math.prod(shape)
-    if (shape[-1] if shape else 1) % block_elems or data.numel() != n // block_elems * block_bytes:
-        raise GGUFError(f"{data.numel()} bytes do not hold a {qtype.name} tensor of shape {tuple(shape)}")
+    _check_size(data, qtype, shape)
     raw = data.reshape(-1).contiguous()
     if qtype == Q.F32:
         out = raw.view(torch.float32)
@@ -256,20 +317,9 @@ def dequantize(data: torch.Tensor, ggml_type: Q | int, shape: tuple[int, ...]) -
     elif qtype == Q.BF16:
         out = raw.view(torch.bfloat16).float()
     elif qtype in _TORCH_BLOCKS:
-        blocks = raw.view(-1, block_bytes)
-        d = blocks[:, :2].contiguous().view(torch.float16).float()
-        if qtype == Q.Q8_0:
-            out = blocks[:, 2:].contiguous().view(torch.int8).float() * d
-        else:
-            qs = blocks[:, -16:]
-            # low nibbles are elements 0..15 of the block, high nibbles 16..31
-            q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
-            if qtype == Q.Q4_0:
-                out = (q - 8) * d
-            else:
-                m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-                out = d * q + m
+        out = unpack_blocks(raw, qtype, (raw.numel() // gguf.GGML_QUANT_SIZES[qtype][1] * BLOCK,)).dequantize()
     else:
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         rows = raw.numpy().reshape(-1, shape[-1] // block_elems * block_bytes)
         try:
             out = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32))
@@ -298,11 +348,11 @@ def _hf_key(path: Path, name: str) -> str:
 
 
 def _state_dict(path: Path, reader: GGUFReader, cfg: dict[str, Any], dtype: torch.dtype,
-                progress: bool) -> dict[str, torch.Tensor]:
+                progress: bool, keep_packed: bool = False) -> dict[str, torch.Tensor | BlockQuant]:
     from tqdm.auto import tqdm
 
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | BlockQuant] = {}
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress):
         if t.name in _NOT_WEIGHTS:
             continue
@@ -311,16 +361,18 @@ def _state_dict(path: Path, reader: GGUFReader, cfg: dict[str, Any], dtype: torc
         try:
             # a private copy: the memory map is read-only and must not be aliased by model parameters
             raw = torch.from_numpy(np.array(reader.data[t.data_offset : t.data_offset + int(t.n_bytes)]))
-            w = dequantize(raw, t.tensor_type, shape)
+            packed = keep_packed and t.tensor_type in _TORCH_BLOCKS and len(shape) == 2
+            w = unpack_blocks(raw, t.tensor_type, shape) if packed else dequantize(raw, t.tensor_type, shape)
         except GGUFError as e:
             raise GGUFError(f"{path}: tensor {t.name}: {e}") from None
         except (ValueError, RuntimeError, OSError) as e:
             raise GGUFError(f"{path} is corrupt or truncated (tensor {t.name}: {e}); {_FIX}") from None
-        if ".attn_q." in t.name:
-            w = _unpermute(w, heads)
-        elif ".attn_k." in t.name:
-            w = _unpermute(w, kv_heads)
-        out[key] = w.to(dtype).contiguous()
+        # the permutation moves whole rows, and blocks run along a row, so packed tensors take it as they are
+        n_head = heads if ".attn_q." in t.name else kv_heads if ".attn_k." in t.name else None
+        if isinstance(w, BlockQuant):
+            out[key] = w if n_head is None else w.map_rows(lambda x: _unpermute(x, n_head).contiguous())
+        else:
+            out[key] = (w if n_head is None else _unpermute(w, n_head)).to(dtype).contiguous()
     return out
 
 
@@ -454,8 +506,13 @@ def _tokenizer(path: Path, reader: GGUFReader) -> tuple[Any, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- API
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> GGUFCheckpoint:
-    """Load a llama-architecture GGUF file: HF config, dequantized HF state dict, tokenizer, metadata."""
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+              keep_packed: bool = False) -> GGUFCheckpoint:
+    """Load a llama-architecture GGUF file: HF config, HF state dict, tokenizer, metadata.
+
+    Tensors are dequantized to `dtype`, except, with keep_packed=True, 2-D Q8_0/Q4_0/Q4_1 tensors,
+    which come back as `BlockQuant` (quants and scales as stored; `quantize.build_packed_model`
+    turns them into packed linear layers)."""
     p, reader = _open(path)
     cfg = _hf_config(p, reader, dtype)
     try:
@@ -466,7 +523,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         raise GGUFError(
             f"{p}: cannot rebuild the tokenizer from its metadata ({type(e).__name__}: {e}); {_FIX}"
         ) from None
-    state_dict = _state_dict(p, reader, cfg, dtype, progress)
+    state_dict = _state_dict(p, reader, cfg, dtype, progress, keep_packed)
     eos_ids = [_value(reader, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
     return GGUFCheckpoint(
         hf_config=cfg,

@@ -53,13 +53,32 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
 
 
 def load_model(path: str | Path = "default", dtype: str | torch.dtype = "float32", device="cpu",
-               progress: bool = False) -> tuple[ModelConfig, Transformer, Tokenizer, Path]:
+               progress: bool = False, quantize: str | None = None) -> tuple[ModelConfig, Transformer, Tokenizer, Path]:
+    """quantize: None (float weights), "int8" / "int4" (weight-only quantization after loading), or
+    "gguf" (a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors stay in their blocks, see quantize.py). A
+    checkpoint written by `opengpt quantize` loads quantized as stored, without `quantize`."""
     p = resolve_path(path)
     dt = resolve_dtype(dtype)
+    quantize = quantize or None
+    if quantize is not None:
+        from ..quantize import check_mode
+
+        check_mode(quantize, load=True)
     if p.is_dir():
+        from ..quantize import QuantizeError, load_quantized, read_quantization_config
+
+        qcfg = read_quantization_config(p)
         cfg = read_config(p)
-        sd = read_hf_state_dict(p, cfg, progress)
         tok = Tokenizer.from_dir(p)
+        if qcfg is not None:
+            if quantize is not None:
+                raise QuantizeError(f"{p} is already quantized ({qcfg['mode']}, written by `opengpt quantize`); "
+                                    "load it without quantize")
+            return cfg, load_quantized(p, cfg, qcfg, dt, device, progress), tok, p
+        if quantize == "gguf":
+            raise QuantizeError(f"quantize='gguf' keeps the quantized blocks of a GGUF file packed, and {p} is a "
+                                "checkpoint directory; use quantize='int8' or 'int4', or load a .gguf file")
+        sd = read_hf_state_dict(p, cfg, progress)
     else:
         with open(p, "rb") as f:
             magic = f.read(4)
@@ -69,7 +88,7 @@ def load_model(path: str | Path = "default", dtype: str | torch.dtype = "float32
             )
         from .gguf import read_gguf
 
-        ckpt = read_gguf(p, dtype=dt, progress=progress)
+        ckpt = read_gguf(p, dtype=dt, progress=progress, keep_packed=quantize == "gguf")
         try:
             cfg = ModelConfig.from_hf_config(ckpt.hf_config)
         except ConfigError as e:
@@ -78,5 +97,13 @@ def load_model(path: str | Path = "default", dtype: str | torch.dtype = "float32
 
         sd = convert_hf_state_dict(ckpt.state_dict.items(), cfg)
         tok = Tokenizer(ckpt.tokenizer, ckpt.tokenizer_config, ckpt.eos_token_ids)
+    if quantize == "gguf":
+        from ..quantize import build_packed_model
+
+        return cfg, build_packed_model(cfg, sd, dt, device, source=str(p)), tok, p
     model = build_model(cfg, sd, dt, device, source=str(p))
+    if quantize is not None:
+        from ..quantize import quantize_model
+
+        quantize_model(model, quantize)
     return cfg, model, tok, p

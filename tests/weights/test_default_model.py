@@ -90,3 +90,6 @@ def test_stop_string(both):
     assert " 7" in full
     cut = llm.generate("1, 2, 3, 4, 5,", max_new_tokens=16, temperature=0, stop=[" 7"])
     assert cut == full[: full.index(" 7")]
+    # batched: the request is aborted at the stop string and its blocks are free at once
+    assert llm.generate(["1, 2, 3, 4, 5,", "Hi"], max_new_tokens=16, temperature=0, stop=[" 7"])[0] == cut
+    assert llm.engine.kv.pool.num_free == llm.engine.num_blocks and not llm.engine.requests

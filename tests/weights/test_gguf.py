@@ -342,3 +342,102 @@ def test_split_file(tmp_path):
 def test_directory_is_not_a_file(tmp_path):
     with pytest.raises(GGUFError, match="not a file"):
         read_gguf(tmp_path)
+
+
+# ------------------------------------------------------------------ blocks kept packed (quantize="gguf")
+
+
+def write_tiny_quantized_gguf(path, monkeypatch, tied: bool = False) -> None:
+    """`write_tiny_gguf` with block-quantized tensors: embedding Q8_0, attention Q4_0, MLP and head Q4_1
+    (the head's 286 rows are not a multiple of 16, so the int4 kernel cannot take it: it falls back to
+    float). Weight matrices are scaled to std 0.15 (from 1), which keeps activations of order one."""
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def quantized(self, name, tensor, *args, **kwargs):
+        qtype = Q.Q8_0 if name.startswith("token_embd") else Q.Q4_0 if ".attn_" in name else Q.Q4_1
+        if tensor.ndim == 2 and not name.startswith("rope"):
+            blocks = gguf.quants.quantize(tensor.astype(np.float32) * 0.15, qtype)
+            return add_tensor(self, name, blocks, raw_dtype=qtype)
+        return add_tensor(self, name, tensor, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "add_tensor", quantized)
+        write_tiny_gguf(path, tied=tied)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_q4_blocks_map_exactly_onto_the_int4_kernel(qtype):
+    """(q, scale, zero) with group 32 reproduce gguf's weights bit for bit, in our arithmetic and in the
+    kernel's own (its float32 path; the fast bf16 path rounds scales and zeros)."""
+    from opengpt.quantize import dequantize_int4, gguf_int4_params
+    from opengpt.weights.gguf import unpack_blocks
+
+    x = np.random.default_rng(2).standard_normal((32, 256)).astype(np.float32)
+    raw = np.ascontiguousarray(gguf.quants.quantize(x, qtype)).view(np.uint8)
+    expected = torch.from_numpy(np.array(gguf.quants.dequantize(raw, qtype), np.float32).reshape(32, 256))
+    q, scales, zeros = gguf_int4_params(unpack_blocks(torch.from_numpy(raw.copy()), qtype, (32, 256)))
+    torch.testing.assert_close(dequantize_int4(q, scales, zeros), expected, rtol=0, atol=0)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()  # (K/32, N, 2)
+    w = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(256), packed, 32, sz).t()  # x = I gives W^T
+    torch.testing.assert_close(w, expected, rtol=0, atol=0)
+
+
+def test_default_model_q4_1_blocks_map_exactly(default_gguf, ours):
+    """Every Q4_1 tensor of the embedded model, as Int4Linear's parameters, equals its dequantized weights."""
+    from opengpt.quantize import dequantize_int4, gguf_int4_params
+    from opengpt.weights.gguf import BlockQuant
+
+    packed = read_gguf(default_gguf, keep_packed=True).state_dict
+    kinds = {v.qtype for v in packed.values() if isinstance(v, BlockQuant)}
+    assert kinds == {"Q4_1", "Q8_0"} and isinstance(packed["model.norm.weight"], torch.Tensor)
+    for key, blocks in packed.items():
+        if isinstance(blocks, BlockQuant) and blocks.qtype == "Q4_1":
+            torch.testing.assert_close(dequantize_int4(*gguf_int4_params(blocks)), ours.state_dict[key], rtol=0,
+                                       atol=0, msg=key)
+    emb = packed["model.embed_tokens.weight"]
+    assert emb.q.dtype == torch.int8 and emb.d.dtype == torch.float16 and emb.shape == (49152, 576)
+    assert torch.equal(emb.dequantize(), ours.state_dict["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_blocks_dequantize_to_the_dequantized_state_dict(tmp_path, monkeypatch, tied):
+    """keep_packed=True returns the same weights in blocks, q/k rows un-permuted like the float ones."""
+    from opengpt.weights.gguf import BlockQuant
+
+    path = tmp_path / "q.gguf"
+    write_tiny_quantized_gguf(path, monkeypatch, tied=tied)
+    floats, packed = read_gguf(path).state_dict, read_gguf(path, keep_packed=True).state_dict
+    assert set(floats) == set(packed)
+    assert {type(v).__name__ for k, v in packed.items() if k.endswith("proj.weight")} == {"BlockQuant"}
+    for key, value in packed.items():
+        got = value.dequantize() if isinstance(value, BlockQuant) else value
+        torch.testing.assert_close(got, floats[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_model_matches_the_dequantized_model(tmp_path, monkeypatch, caplog, tied):
+    """quantize="gguf": packed layers, the same weights; logits within the kernels' bf16 arithmetic."""
+    import logging
+
+    from opengpt.quantize import BlockInt8Embedding, Int4Linear
+    from opengpt.weights.load import load_model
+
+    path = tmp_path / "q.gguf"
+    write_tiny_quantized_gguf(path, monkeypatch, tied=tied)
+    _, ref, _, _ = load_model(path)
+    with caplog.at_level(logging.INFO, logger="opengpt.quantize"):
+        _, model, _, _ = load_model(path, quantize="gguf")
+    assert isinstance(model.embed_tokens, BlockInt8Embedding) and model.quantization == "gguf"
+    assert all(isinstance(m.self_attn.q_proj, Int4Linear) and isinstance(m.mlp.down_proj, Int4Linear)
+               for m in model.layers)
+    if tied:
+        assert model.lm_head is model.embed_tokens.table  # one Q8_0 copy serves the lookup and the head
+    else:  # 286 rows: the int4 kernel needs a multiple of 16, so the Q4_1 head is dequantized
+        assert type(model.lm_head).__name__ == "Linear" and "gguf: 1 layers dequantized" in caplog.text
+        torch.testing.assert_close(model.lm_head.weight, ref.lm_head.weight, rtol=0, atol=0)
+    ids = torch.randint(0, 286, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+        torch.testing.assert_close(model.embed_tokens(ids), ref.embed_tokens(ids), rtol=0, atol=0)
+    assert (a - b).abs().max() <= 0.03 * a.abs().max()  # bf16 activations, scales and zeros in the kernels
