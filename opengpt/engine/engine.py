@@ -323,6 +323,10 @@ class AsyncLLMEngine:
 
     One background task runs engine steps in a worker thread (a step is a blocking model forward),
     so the event loop stays free for the server; each request's outputs go to its own queue.
+    Adds and aborts never wait for a step: while one is in flight they are queued and applied, in
+    order, by the loop task as soon as it returns, before the next step starts (vLLM's engine core
+    does the same). Waiting on the step instead froze the whole event loop for a step per add, so
+    64 clients arriving together were admitted one per step.
     """
 
     def __init__(self, engine: LLMEngine):
@@ -330,17 +334,23 @@ class AsyncLLMEngine:
         self.queues: dict[str, asyncio.Queue] = {}
         self.loop_task: asyncio.Task | None = None
         self.wakeup = asyncio.Event()
-        self.lock = threading.Lock()  # add/abort must not interleave with a step in the worker thread
+        self.lock = threading.Lock()  # engine steps (worker thread) vs other users of the model (embeddings)
+        self.pending: deque[tuple] = deque()  # ("add", id, prompt, params) | ("abort", id), applied between steps
+        self.stepping = False  # a step is running in the worker thread
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         """Yield RequestOutputs of one request until it finishes; closing the iterator aborts it."""
         queue: asyncio.Queue = asyncio.Queue()
-        with self.lock:
-            self.engine.add_request(request_id, prompt_ids, params)
         self.queues[request_id] = queue
-        self._ensure_loop()
-        self.wakeup.set()
+        self.pending.append(("add", request_id, prompt_ids, params))
         try:
+            if not self.stepping:  # no step in flight: add now, so a refused request raises here
+                for rid, error in self._apply_pending():
+                    if rid == request_id:
+                        raise error
+                    self._deliver(rid, error)
+            self._ensure_loop()
+            self.wakeup.set()
             while True:
                 out = await queue.get()
                 if isinstance(out, BaseException):
@@ -354,11 +364,35 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        with self.lock:
-            self.engine.abort(request_id)
+        """Stop a request: its blocks are freed now, or right after the step in flight."""
+        self.pending.append(("abort", request_id))
+        if not self.stepping:
+            for rid, error in self._apply_pending():
+                self._deliver(rid, error)
         queue = self.queues.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(RequestOutput(request_id, [], True, "abort"))
+
+    def _apply_pending(self) -> list[tuple[str, BaseException]]:
+        """Apply queued adds and aborts in order; never called while a step runs. Returns the adds the
+        engine refused, with their errors. An add whose caller has gone (no queue) is skipped."""
+        failed = []
+        with self.lock:
+            while self.pending:
+                op = self.pending.popleft()
+                if op[0] == "abort":
+                    self.engine.abort(op[1])
+                elif op[1] in self.queues:
+                    try:
+                        self.engine.add_request(*op[1:])
+                    except Exception as e:  # a refused request fails alone
+                        failed.append((op[1], e))
+        return failed
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self.queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
 
     def _ensure_loop(self) -> None:
         if self.loop_task is None or self.loop_task.done():
@@ -370,17 +404,23 @@ class AsyncLLMEngine:
 
     async def _run(self) -> None:
         while True:
+            for rid, error in self._apply_pending():
+                self._deliver(rid, error)
             if not self.engine.has_unfinished():
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
+            self.stepping = True
             try:
                 outputs = await asyncio.to_thread(self._step)
             except Exception as e:  # a failed step fails its requests, not the loop
+                self.stepping = False
                 for rid in list(self.queues):
                     self.queues[rid].put_nowait(e)
                     self.abort(rid)
                 continue
+            finally:
+                self.stepping = False
             for out in outputs:
                 queue = self.queues.get(out.request_id)
                 if queue is not None:

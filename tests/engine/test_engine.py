@@ -142,6 +142,57 @@ def test_async_engine_streams_concurrent_requests_and_aborts():
     assert front.engine.kv.pool.num_free == 64 and not front.engine.requests
 
 
+def test_async_engine_adds_and_aborts_do_not_wait_for_the_step_in_flight():
+    """While a step runs in the worker thread, the event loop can still add and abort requests: they
+    are queued and applied right after that step (before, each waited on the step's lock, freezing the
+    loop). The first step is held open by an event, so this checks order of events, not timing."""
+    import asyncio
+    import threading
+
+    from opengpt.engine.engine import AsyncLLMEngine
+
+    model = build("dense")
+    ps = prompts(2, seed=6)
+    engine = LLMEngine(model, num_blocks=64, block_size=4)
+    gate, entered, first_done = threading.Event(), threading.Event(), threading.Event()
+    step = engine.step
+
+    def held_step():
+        if not first_done.is_set():
+            entered.set()
+            gate.wait(30)
+            try:
+                return step()
+            finally:
+                first_done.set()
+        return step()
+
+    engine.step = held_step
+
+    async def main():
+        front = AsyncLLMEngine(engine)
+
+        async def collect(rid, p):
+            return [t async for out in front.generate(rid, p, G) for t in out.new_token_ids]
+
+        a = asyncio.create_task(collect("a", ps[0]))
+        while not entered.is_set():  # the first step (request a) is now running in the worker
+            await asyncio.sleep(0.01)
+        b = asyncio.create_task(collect("b", ps[1]))
+        await asyncio.sleep(0.05)  # b's generator has started and queued its add
+        front.abort("a")
+        got_a = await a  # ends on the abort output, while the step is still held
+        assert not first_done.is_set()
+        ops = [op[:2] for op in front.pending]  # a's generator, closing, aborts it once more: harmless
+        assert ops[0] == ("add", "b") and set(ops[1:]) == {("abort", "a")}
+        gate.set()
+        return got_a, await b, front
+
+    got_a, got_b, front = asyncio.run(main())
+    assert got_a == [] and got_b == single(model, ps[1])
+    assert front.engine.kv.pool.num_free == 64 and not front.engine.requests and not front.pending
+
+
 def test_a_failing_request_fails_alone():
     model = build("dense")
 
