@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import conditions
 
 MODES = {  # name -> LLM.load keyword arguments
     "fp32": dict(dtype="float32"),
@@ -112,8 +112,7 @@ def main() -> None:
                       reference=args.reference, progress=True)
     eval_s = time.perf_counter() - t
 
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-               "torch": torch.__version__, "model": default_model_path().name, "text": source,
+    results = {**conditions(), "model": default_model_path().name, "text": source,
                "tokens": len(ids), "window": args.window, "stride": args.stride, "reference": args.reference,
                "perplexity_eval_seconds": round(eval_s, 1), "modes": {}}
     prompt = ids[:128]

@@ -12,6 +12,7 @@ memory is recorded too. Writes benchmarks/results/train.json.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,12 @@ def saved_bytes(step) -> int:
     return sum(seen.values())
 
 
-def bench(name: str, model: torch.nn.Module, ids: torch.Tensor, steps: int, logits_of) -> dict:
+def make_step(model: torch.nn.Module, ids: torch.Tensor):
+    """One training step of `model` on `ids` (forward, cross-entropy, backward, AdamW)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(forward_only: bool = False):
-        logits = logits_of(model(ids))
+        logits = model(ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         if forward_only:
             return loss
@@ -59,33 +61,55 @@ def bench(name: str, model: torch.nn.Module, ids: torch.Tensor, steps: int, logi
         opt.zero_grad(set_to_none=True)
         return loss
 
-    step()  # warm-up (allocator, kernels)
-    act = saved_bytes(step)
-    opt.zero_grad(set_to_none=True)
-    if ids.is_cuda:
+    return step, opt
+
+
+def timed(step, cuda: bool) -> float:
+    if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if ids.is_cuda:
+    step()
+    if cuda:
         torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / steps
-    out = {"name": name, "tokens_per_s": ids.numel() / dt, "step_s": dt, "activation_bytes": act}
-    if ids.is_cuda:
-        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    print(f"{name:>28}: {out['tokens_per_s']:10,.0f} tok/s  activations {act / 2**20:8.1f} MiB", flush=True)
+    return time.perf_counter() - t
+
+
+def bench(models: dict[str, torch.nn.Module], ids: torch.Tensor, steps: int) -> list[dict]:
+    """Activation bytes of each model, then `steps` timed steps taken in turns (ABAB...), so that a
+    change in the machine's speed during the run hits every model alike; the median step is reported."""
+    cuda = ids.is_cuda
+    runs = {}
+    for name, model in models.items():
+        step, opt = make_step(model, ids)
+        step()  # warm-up (allocator, kernels)
+        act = saved_bytes(step)
+        opt.zero_grad(set_to_none=True)
+        runs[name] = (step, act, [])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps):
+        order = list(runs) if i % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            runs[name][2].append(timed(runs[name][0], cuda))
+    out = []
+    for name, (_, act, times) in runs.items():
+        dt = statistics.median(times)
+        r = {"name": name, "tokens_per_s": ids.numel() / dt, "step_s": dt, "step_s_all": times, "activation_bytes": act}
+        if cuda:
+            r["peak_allocated_bytes_all_models"] = torch.cuda.max_memory_allocated()
+        print(f"{name:>34}: {r['tokens_per_s']:10,.0f} tok/s  activations {act / 2**20:8.1f} MiB", flush=True)
+        out.append(r)
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per model, taken in turns (median reported)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"), help="where to write the JSON")
     args = ap.parse_args()
     import transformers
 
@@ -108,11 +132,13 @@ def main() -> None:
             enable_grad_checkpointing(ours)
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         suffix = " + grad checkpointing" if ckpt else ""
-        results.append(bench("opengpt" + suffix, ours, ids, args.steps, lambda o: o.logits))
-        results.append(bench("transformers" + suffix, hf, ids, args.steps, lambda o: o.logits))
+        results += bench({"opengpt" + suffix: ours, "transformers" + suffix: hf}, ids, args.steps)
+        del ours, hf
     by = {r["name"]: r for r in results}
     summary = {
         "speed_ratio_opengpt_over_transformers": by["opengpt"]["tokens_per_s"] / by["transformers"]["tokens_per_s"],
+        "speed_ratio_with_grad_checkpointing": by["opengpt + grad checkpointing"]["tokens_per_s"]
+        / by["transformers + grad checkpointing"]["tokens_per_s"],
         "activation_saving_grad_checkpointing": 1 - by["opengpt + grad checkpointing"]["activation_bytes"]
         / by["opengpt"]["activation_bytes"],
     }
