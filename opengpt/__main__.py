@@ -7,6 +7,8 @@
     opengpt serve --model M --port 8000 --api-key sk-local   # OpenAI-compatible server
     opengpt train configs/pretrain-tiny-moe.yaml --max-steps 20   # recipes: YAML fields, any overridden by flags
     opengpt finetune configs/sft-default-lora.yaml --merge
+    opengpt sandbox script.py --json                  # run untrusted Python, contained
+    opengpt eval humaneval --model M --n 1            # pass@1 on HumanEval, programs run in the sandbox
 """
 
 from __future__ import annotations
@@ -225,6 +227,40 @@ def serve(
     typer.secho(f"serving {names[0]!r} on http://{host}:{port}/v1 (chat page: http://{host}:{port}/)"
                 f"{'' if keys else ' without API keys'}", err=True)
     run_server(create_app(llm, config), host=host, port=port, drain_timeout=request_timeout)
+
+
+@app.command("sandbox")
+def sandbox_command(
+    script: Annotated[str, typer.Argument(help="The Python file to run, or - to read the code from standard input.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (stdout, stderr, exit_code, stopped, duration_s, mode) instead of replaying the output.")] = False,
+    timeout: Annotated[float, typer.Option(help="Wall-clock seconds before the run is killed (stopped: timeout).")] = 10.0,
+    cpu_seconds: Annotated[float, typer.Option(help="CPU seconds per process (stopped: cpu_time).")] = 5.0,
+    memory_mb: Annotated[int, typer.Option(help="Address space per process in MiB; allocations past it raise MemoryError (stopped: memory).")] = 512,
+    max_processes: Annotated[int, typer.Option(help="Processes the code may have at once; a fork past it fails (stopped: processes).")] = 64,
+    max_output_bytes: Annotated[int, typer.Option(help="stdout + stderr bytes kept; past it the run is killed (stopped: output_limit).")] = 1 << 20,
+) -> None:
+    """Run untrusted Python in the sandbox: no network, a private temporary directory, an empty environment,
+    uid nobody, CPU/memory/process/output limits (opengpt/assist/tools/sandbox.py says what is enforced).
+
+    The exit status is the code's own, or 1 when the sandbox stopped it."""
+    from pathlib import Path
+
+    from .assist.tools.sandbox import run_python
+
+    try:
+        code = sys.stdin.read() if script == "-" else Path(script).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"cannot read {script}: {e}")
+    r = run_python(code, timeout=timeout, cpu_seconds=cpu_seconds, memory_mb=memory_mb,
+                   max_processes=max_processes, max_output_bytes=max_output_bytes)
+    if json_out:
+        print(json.dumps(r.to_dict()))
+    else:
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+        if r.stopped:
+            typer.secho(f"sandbox: stopped ({r.stopped}) after {r.duration_s:.2f} s", err=True, fg="red")
+    raise typer.Exit(r.exit_code if r.exit_code is not None and 0 <= r.exit_code < 256 and not r.stopped else 1)
 
 
 _RECIPE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}

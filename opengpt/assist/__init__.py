@@ -1,0 +1,1 @@
+"""The application layer: tools, agents, retrieval, ... talking to a model only through opengpt.LLM or an OpenAI-compatible endpoint."""
