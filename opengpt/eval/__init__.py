@@ -1,1 +1,1 @@
-"""Evaluation of models: perplexity over held text (perplexity.py); benchmarks of tasks come later."""
+"""Evaluation of models: perplexity over held text (perplexity.py) and HumanEval pass@k, programs run in the sandbox (humaneval.py)."""

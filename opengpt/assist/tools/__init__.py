@@ -2,3 +2,4 @@
 
 from .calculator import CalculatorError, calculate, evaluate
 from .sandbox import SandboxResult, run_python
+from .registry import BUILTIN_TOOLS, Tool, ToolError, ToolRegistry, builtin_registry, tool
