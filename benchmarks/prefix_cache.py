@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import conditions
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
         # a hit must not change the output: compare with an engine that has nothing cached
         fresh = LLMEngine(llm.model, kv_cache_bytes=64 << 20, max_batch_tokens=4096)
         same &= engine.generate([prefix + suffix], one) == fresh.generate([prefix + suffix], one)
-    result = {"dtype": args.dtype, "threads": torch.get_num_threads(), "prefix_tokens": args.prefix_tokens,
+    result = {**conditions(), "dtype": args.dtype, "prefix_tokens": args.prefix_tokens,
               "suffix_tokens": args.suffix_tokens, "ttft_cached_ms": 1e3 * statistics.median(cached),
               "ttft_uncached_ms": 1e3 * statistics.median(uncached),
               "speedup": statistics.median(uncached) / statistics.median(cached), "first_token_identical": same}

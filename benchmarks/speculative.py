@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import conditions
 
 PROMPT = '''Rename the variable `total` to `acc` in this function and return the whole function.
 
@@ -65,7 +66,7 @@ def main() -> None:
     # bf16 rounds a (k+1)-token verification differently from one-token steps: near-ties may flip
     common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     s = runs["ngram"]
-    result = {"dtype": args.dtype, "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "k": args.k,
+    result = {**conditions(), "dtype": args.dtype, "new_tokens": args.new_tokens, "k": args.k,
               "outputs_identical": same, "identical_leading_tokens": common, "speedup": s["tok_s"] / runs["plain"]["tok_s"],
               "acceptance_rate": s["accepted"] / max(1, s["proposed"]),
               "tokens_per_target_forward": args.new_tokens / s["target_forwards"], "runs": runs}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import conditions
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     t_batch = time.perf_counter() - t
 
     same = sum(a == b for a, b in zip(batched, sequential))
-    result = {"dtype": args.dtype, "threads": torch.get_num_threads(), "requests": args.requests,
+    result = {**conditions(), "dtype": args.dtype, "requests": args.requests,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "sequential_tok_s": total / t_seq, "batched_tok_s": total / t_batch, "speedup": t_seq / t_batch,
               "requests_identical": f"{same}/{args.requests}", "preemptions": engine.num_preemptions}
