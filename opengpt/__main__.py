@@ -9,11 +9,17 @@
     opengpt finetune configs/sft-default-lora.yaml --merge
     opengpt sandbox script.py --json                  # run untrusted Python, contained
     opengpt ask "What is 17.5% of 2,480, minus 3^4?"  # tool-using agent (--tools python, --base-url URL)
+    opengpt ask --cot "A pen costs $3. What do 14 pens cost?"   # chain of thought, every calculation checked
+    opengpt index add docs/ --store .opengpt/index.db   # ingest files for RAG (also: index ls, index rm)
+    opengpt ask --rag .opengpt/index.db "How do I resume training?"   # answer with cited sources
+    opengpt code "a function that parses ISO-8601 durations" --lint   # generate, lint with ruff, repair
     opengpt eval humaneval --model M --n 1            # pass@1 on HumanEval, programs run in the sandbox
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -299,58 +305,233 @@ def eval_command(
     print(json.dumps(summary, indent=2))
 
 
+BaseUrl = Annotated[Optional[str], typer.Option(help="Use an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1 from `opengpt serve`) instead of loading --model.")]
+ApiKey = Annotated[Optional[str], typer.Option(help="API key for --base-url (default: $OPENAI_API_KEY, or none).")]
+RemoteModel = Annotated[str, typer.Option(help="The model name sent to --base-url.")]
+
+
+def _backend(model: str, dtype: str, base_url: str | None, api_key: str | None, remote_model: str, **sampling):
+    """The model the assistant commands talk to: --base-url's endpoint, else --model loaded here."""
+    import os
+
+    from .assist.backend import LocalBackend, OpenAIBackend
+
+    if base_url is not None:
+        sampling["max_tokens"] = sampling.pop("max_new_tokens")
+        return OpenAIBackend(base_url, api_key or os.environ.get("OPENAI_API_KEY"), remote_model, **sampling)
+    return LocalBackend(_load(model, dtype), **sampling)
+
+
+@contextlib.contextmanager
+def _remote_errors(base_url: str | None):
+    """Connection refused, a bad key ... from the endpoint: one line naming it, no traceback."""
+    try:
+        yield
+    except Exception as e:
+        if base_url is not None and type(e).__module__.startswith("openai"):
+            _fail(f"{base_url}: {e}")
+        raise
+
+
+def _show_claims(verification) -> None:
+    for c in verification.checks:
+        mark = {"ok": "✓", "wrong": "✗", "unchecked": "?"}[c.status]
+        typer.secho(f"  {mark} {c.describe()}", err=True, dim=c.status != "wrong", fg="red" if c.status == "wrong" else None)
+
+
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question for the tool-using agent.")],
     model: Model = "default",
     dtype: Dtype = "float32",
-    base_url: Annotated[Optional[str], typer.Option(help="Use an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1 from `opengpt serve`) instead of loading --model.")] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="API key for --base-url (default: $OPENAI_API_KEY, or none).")] = None,
-    remote_model: Annotated[str, typer.Option(help="The model name sent to --base-url.")] = "default",
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    remote_model: RemoteModel = "default",
     tools: Annotated[Optional[list[str]], typer.Option("--tools", help="A tool the model may call (repeatable): calculator (exact arithmetic) or python (the sandbox). Default: calculator.")] = None,
+    tool_choice: Annotated[Optional[str], typer.Option(help="auto: the model decides whether to call a tool; required: its first turn must be a call (decoded under the call's JSON schema), then it decides; or a tool's name. Default: required for the embedded default model (too small to call tools by itself), auto otherwise.")] = None,
+    cot: Annotated[bool, typer.Option("--cot", help="Instead of tools: step-by-step reasoning whose every calculation is checked by the calculator; a wrong step is corrected and the model continues from it (--repairs times), else the answer is flagged unverified.")] = False,
+    repairs: Annotated[int, typer.Option(help="With --cot: re-prompts from the first wrong step before the answer is flagged unverified.")] = 2,
+    rag: Annotated[Optional[str], typer.Option(help="Answer from an index built by `opengpt index add` (its .db file), citing the chunks used as [n].")] = None,
+    top_k: Annotated[int, typer.Option(help="With --rag: chunks retrieved (hybrid BM25 + vector search) into the prompt.")] = 4,
     max_steps: Annotated[int, typer.Option(help="Most model turns with tool calls before the model must answer from what it has.")] = 6,
     max_new_tokens: MaxNew = 512,
     temperature: Temperature = 0.0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object (answer, steps, stopped_reason) instead of the answer alone.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object instead of the answer alone.")] = False,
 ) -> None:
-    """Answer a question with a tool-using agent: the model calls tools, reads their results, then answers.
+    """Answer a question: with tools (default), with checked chain of thought (--cot), or from an index (--rag).
 
-    Each tool call (tool, arguments, result) is shown dimmed on stderr as it happens; the answer goes to stdout.
+    Tools: each call (tool, arguments, result) is shown dimmed on stderr as it happens, and the arithmetic in
+    the answer is checked by the calculator. --cot: every calculation is listed with ✓ (checked), ✗ (wrong) or ?
+    (not checkable). --rag: the sources follow the answer. The answer goes to stdout.
     """
-    import os
-
-    from .assist.agent import Agent
-    from .assist.backend import LocalBackend, OpenAIBackend
     from .assist.tools.registry import builtin_registry
+    from .assist.verify import VerifiedSolver, check
 
+    if rag is not None:
+        return _ask_rag(question, rag, top_k, model, dtype, base_url, api_key, remote_model, max_new_tokens,
+                        temperature, json_out)
     try:
         registry = builtin_registry(tools or ["calculator"])
+        choice = tool_choice or ("required" if model == "default" and base_url is None else "auto")
+        if choice not in ("auto", "required", *registry.names):
+            raise ValueError(f"--tool-choice must be auto, required or one of the tools ({', '.join(registry.names)})")
     except ValueError as e:
         _fail(str(e))
-    if base_url is not None:
-        backend = OpenAIBackend(base_url, api_key or os.environ.get("OPENAI_API_KEY"), remote_model,
-                                max_tokens=max_new_tokens, temperature=temperature)
-    else:
-        backend = LocalBackend(_load(model, dtype), max_new_tokens=max_new_tokens, temperature=temperature)
+    backend = _backend(model, dtype, base_url, api_key, remote_model, max_new_tokens=max_new_tokens,
+                       temperature=temperature)
+    if cot:
+        with _remote_errors(base_url):
+            r = VerifiedSolver(backend, max_repairs=repairs).solve(question)
+        typer.secho(r.reasoning, err=True, dim=True)
+        _show_claims(r.verification)
+        if r.flag:
+            typer.secho(r.flag, err=True, fg="yellow")
+        if json_out:
+            print(json.dumps({"answer": r.answer, "verified": r.verified, "flag": r.flag, "repairs": r.repairs,
+                              "reasoning": r.reasoning, "claims": [
+                                  {"expression": c.claim.expression, "claimed": c.claim.claimed, "status": c.status,
+                                   "value": c.value} for c in r.verification.checks]}, ensure_ascii=False))
+        else:
+            print(r.answer)
+        return
+    from .assist.agent import Agent
 
     def show(step) -> None:
         note = " (repeated: not run again)" if step.repeated else ""
         typer.secho(f"[{step.tool}] {step.arguments}{note}\n  -> {step.result}", err=True, dim=True)
 
-    try:
-        result = Agent(backend, registry, max_steps=max_steps).run(question, on_step=show)
-    except Exception as e:
-        if type(e).__module__.startswith("openai"):  # connection refused, bad key, ...: say so, no traceback
-            _fail(f"{base_url}: {e}")
-        raise
+    with _remote_errors(base_url):
+        result = Agent(backend, registry, max_steps=max_steps, first_tool_choice=choice).run(question, on_step=show)
     if result.stopped_reason != "answer":
         typer.secho(f"stopped: {result.stopped_reason}", err=True, dim=True)
+    verification = check(result.answer)  # tool results are exact; what the model wrote around them may not be
+    _show_claims(verification)
     if json_out:
         print(json.dumps({"answer": result.answer, "stopped_reason": result.stopped_reason,
+                          "answer_verified": verification.ok,
                           "steps": [{"tool": s.tool, "arguments": s.arguments, "result": s.result,
                                      "repeated": s.repeated} for s in result.steps]}, ensure_ascii=False))
     else:
         print(result.answer)
+
+
+def _open_store(path: str, create: bool):
+    from .assist.rag import EmbedderMismatch, EmbedderMissing, Store
+
+    try:
+        return Store.open(path, create=create)
+    except FileNotFoundError as e:
+        _fail(f"{e}" if isinstance(e, EmbedderMissing) else f"no index at {path}; build one with `opengpt index add PATH --store {path}`")
+    except (EmbedderMismatch, ValueError) as e:
+        _fail(f"{path}: {e}")
+
+
+def _ask_rag(question, store_path, top_k, model, dtype, base_url, api_key, remote_model, max_new_tokens, temperature,
+             json_out) -> None:
+    from .assist.rag import answer, format_answer
+
+    with _open_store(store_path, create=False) as store:
+        backend = _backend(model, dtype, base_url, api_key, remote_model, max_new_tokens=max_new_tokens,
+                           temperature=temperature)
+        with _remote_errors(base_url):
+            r = answer(question, store, backend, k=top_k)
+    if json_out:
+        print(json.dumps({"answer": r.text, "cited": [dataclasses.asdict(c) for c in r.cited],
+                          "sources": [dataclasses.asdict(c) for c in r.sources], "invalid_citations": r.invalid},
+                         ensure_ascii=False, default=str))
+    else:
+        print(format_answer(r))
+
+
+index_app = typer.Typer(help="Build and inspect a RAG index: one SQLite file of chunks, BM25 (FTS5) and embeddings (all-MiniLM-L6-v2).",
+                        no_args_is_help=True)
+app.add_typer(index_app, name="index")
+Store_ = Annotated[str, typer.Option("--store", help="The index file (created by `index add` if missing).")]
+
+
+@index_app.command("add")
+def index_add(
+    paths: Annotated[list[str], typer.Argument(help="Files or directories to ingest: .md .txt .rst .py (and .pdf with `pip install pypdf`); directories are walked, skipping hidden ones, .venv and __pycache__.")],
+    store: Store_ = ".opengpt/index.db",
+) -> None:
+    """Chunk, embed and index documents. An unchanged file is skipped, a changed one has its chunks replaced."""
+    from pathlib import Path
+
+    from .assist.rag import index_paths
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        _fail(f"no such file or directory: {', '.join(missing)}")
+    Path(store).parent.mkdir(parents=True, exist_ok=True)
+    with _open_store(store, create=True) as s:
+        stats = index_paths(s, paths, progress=True)
+        total = s.chunk_count()
+    for why in stats.skipped:
+        typer.secho(f"skipped {why}", err=True, dim=True)
+    typer.echo(f"{store}: {stats}; {total} chunks in the index")
+
+
+@index_app.command("rm")
+def index_rm(source: Annotated[str, typer.Argument(help="The document to remove (its path, as `index ls` shows it).")],
+             store: Store_ = ".opengpt/index.db") -> None:
+    """Remove a document and all its chunks (text, BM25 entries and vectors)."""
+    from .assist.rag import DocumentNotFound
+
+    with _open_store(store, create=False) as s:
+        try:
+            n = s.delete_document(source)
+        except DocumentNotFound as e:
+            _fail(str(e))
+    typer.echo(f"removed {source}: {n} chunks")
+
+
+@index_app.command("ls")
+def index_ls(store: Store_ = ".opengpt/index.db") -> None:
+    """List the indexed documents: chunks, characters, source."""
+    with _open_store(store, create=False) as s:
+        docs = s.documents()
+    for d in docs:
+        typer.echo(f"{d.chunks:6d} chunks {d.chars:9d} chars  {d.source}")
+    typer.echo(f"{len(docs)} documents", err=True)
+
+
+@app.command()
+def code(
+    task: Annotated[str, typer.Argument(help="What the code should do, e.g. 'a function that parses ISO-8601 durations'.")],
+    model: Model = "default",
+    dtype: Dtype = "float32",
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    remote_model: RemoteModel = "default",
+    lint: Annotated[bool, typer.Option("--lint/--no-lint", help="Check each candidate with ruff (pyflakes, pycodestyle errors, bugbear) besides compiling it, and feed the findings back.")] = True,
+    rounds: Annotated[int, typer.Option(help="Most repair rounds after the first draft.")] = 3,
+    tests: Annotated[Optional[str], typer.Option(help="A Python file of tests (asserts; the module's names are in scope, or `import gen`) run in the sandbox against each candidate; failures are fed back.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Also write the final code to this file.")] = None,
+    max_new_tokens: MaxNew = 1024,
+    temperature: Temperature = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole result (code, clean, rounds, findings per round, tests) as JSON.")] = False,
+) -> None:
+    """Generate a Python module, then repair it: compile, ruff and the optional tests judge each candidate,
+    the findings go back to the model, up to --rounds times. Exit status 0 when the final code is clean.
+
+    Progress per round goes to stderr, the code to stdout. Generated code is executed only in the sandbox."""
+    from .assist.codegen import RuffMissing, ruff_bin, run_cli
+
+    try:
+        if lint:
+            ruff_bin()  # before the model loads: a missing ruff should fail fast
+        if tests is not None:
+            open(tests, encoding="utf-8").close()
+    except (RuffMissing, OSError) as e:
+        _fail(str(e))
+    backend = _backend(model, dtype, base_url, api_key, remote_model, max_new_tokens=max_new_tokens,
+                       temperature=temperature)
+    with _remote_errors(base_url):
+        try:
+            status = run_cli(task, backend, lint=lint, rounds=rounds, tests_file=tests, out=out, json_out=json_out)
+        except (RuffMissing, OSError) as e:
+            _fail(str(e))
+    raise typer.Exit(status)
 
 
 _RECIPE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -6,6 +6,8 @@ model's turn and one `tool` message per call. It ends
 * on a turn without tool calls: that turn is the answer (stopped_reason "answer");
 * after `max_steps` turns with tool calls: the model is asked once more, without tools, to answer
   from what it has ("max_steps"); an empty reply gives a plain "step limit reached" answer;
+* `first_tool_choice="required"` (or a tool's name) makes the first turn a call, decoded under its
+  JSON schema, for models too small to decide to call a tool;
 * on repetition: a call with the same name and arguments as an earlier one is not run again, the
   model is told it already has that result; a second repetition ends the loop the same way
   ("repeated_call"). So a model stuck on one call costs at most two extra turns, never a loop.
@@ -23,8 +25,10 @@ from .tools.registry import ToolRegistry
 
 SYSTEM_PROMPT = "You are a helpful assistant that answers questions, calling tools when they help."
 TOOL_HINTS = {
+    # no example numbers here: small models copy them into their calls instead of the question's numbers
     "calculator": "For any arithmetic, call the calculator tool with the expression written as in the question "
-                  "(it understands 17.5% of 2,480 and 3^4); never compute numbers in your head.",
+                  "(it understands percentages written 'N% of M', powers written with ^, and thousands separators); "
+                  "never compute numbers in your head.",
     "python": "For anything that needs a program, call the python tool with a complete script that prints its result.",
 }
 ANSWER_HINT = "When you have the tool results you need, reply with the final answer in one short sentence, without tool calls."
@@ -61,9 +65,15 @@ def _key(call: ToolCall) -> tuple[str, str]:
 
 
 class Agent:
-    def __init__(self, backend: ChatBackend, registry: ToolRegistry, max_steps: int = 6, system: str | None = None):
+    def __init__(self, backend: ChatBackend, registry: ToolRegistry, max_steps: int = 6, system: str | None = None,
+                 first_tool_choice: str = "auto"):
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
+        if first_tool_choice not in ("auto", "required", *registry.names):
+            raise ValueError(f"first_tool_choice must be auto, required or a tool name ({', '.join(registry.names)})")
+        # "required" (or a tool's name) decodes the first turn under the call's JSON schema: for small models
+        # that answer arithmetic from memory instead of calling the calculator; later turns are the model's own
+        self.first_tool_choice = first_tool_choice
         self.backend = backend
         self.registry = registry
         self.max_steps = max_steps
@@ -76,8 +86,11 @@ class Agent:
         results: dict[tuple[str, str], str] = {}
         tools = self.registry.schemas()
         repeats = 0
-        for _ in range(self.max_steps):
-            reply = self.backend.chat(messages, tools)
+        for turn in range(self.max_steps):
+            if turn == 0 and self.first_tool_choice != "auto":
+                reply = self.backend.chat(messages, tools, tool_choice=self.first_tool_choice)
+            else:
+                reply = self.backend.chat(messages, tools)
             if not reply.tool_calls:
                 return AgentResult((reply.content or "").strip(), steps, "answer", messages + [reply.to_dict()])
             messages.append(reply.to_dict())

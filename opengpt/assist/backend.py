@@ -7,11 +7,15 @@ arguments, `tool` results) and tools in, an `AssistantMessage` (content, tool ca
   other gets the Hermes / Qwen2.5 convention in the system message).
 * `OpenAIBackend(base_url, api_key, model)` talks to any OpenAI-compatible endpoint (`opengpt serve`,
   vLLM, llama.cpp, a hosted API) through the `openai` client, imported when first used.
+Both also have `batch_chat(conversations, max_tokens)`: plain replies (no tools) to many conversations,
+in order; locally one continuously batched engine workload, remotely concurrent requests.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,8 +51,9 @@ class AssistantMessage:
 
 
 class ChatBackend(Protocol):
-    def chat(self, messages: list[dict], tools: list[dict] | None = None) -> AssistantMessage:
-        """The model's next turn; `tools` in OpenAI's form, None for an answer without tools."""
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str = "auto") -> AssistantMessage:
+        """The model's next turn; `tools` in OpenAI's form, None for an answer without tools; `tool_choice`
+        "auto" (the model decides), "required" (at least one call) or a tool's name (a call of that tool)."""
         ...
 
 
@@ -65,12 +70,45 @@ class LocalBackend:
         msgs = T.chat_messages([Message.model_validate(m) for m in messages], tools, self.template_has_tools)
         return self.llm.encode_chat(msgs, tools=tools if self.template_has_tools else None)
 
-    def chat(self, messages: list[dict], tools: list[dict] | None = None) -> AssistantMessage:
-        text = self.llm.complete(self.prompt(messages, tools), **self.sampling).text
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str = "auto") -> AssistantMessage:
+        ids = self.prompt(messages, tools)
+        if tools and tool_choice != "auto":
+            return self._forced(ids, tools, tool_choice)
+        text = self.llm.complete(ids, **self.sampling).text
         if not tools:
             return AssistantMessage(text)
         content, calls = T.parse_tool_calls(text, {t["function"]["name"] for t in tools})
         return AssistantMessage(content, [ToolCall(name, args) for name, args in calls])
+
+    def _forced(self, ids: list[int], tools: list[dict], tool_choice: str) -> AssistantMessage:
+        """A call decoded under the JSON schema of the call(s), as the server serves `tool_choice`."""
+        from ..engine.guided import json_processor
+
+        if tool_choice == "required":
+            schema = T.forced_call_schema(tools, parallel=False)
+        else:
+            tool = next((t for t in tools if t["function"]["name"] == tool_choice), None)
+            if tool is None:
+                raise ValueError(f"tool_choice names {tool_choice!r}, which is not among the tools")
+            schema = T.parameters(tool)
+        max_new = self.sampling["max_new_tokens"]
+        proc = json_processor(schema, self.llm.tokenizer, self.llm.config.vocab_size, max(max_new - 1, 1))
+        text = self.llm.complete(ids, **self.sampling, logits_processors=[proc]).text
+        calls = T.parse_forced_calls(text) if tool_choice == "required" else [(tool_choice, text)]
+        return AssistantMessage(None if calls else text, [ToolCall(name, args) for name, args in calls])
+
+    def batch_chat(self, conversations: list[list[dict]], max_tokens: int | None = None,
+                   on_result: Callable[[int], None] | None = None) -> list[str]:
+        """Replies to `conversations` (no tools), in order, from one `generate_batch` call: the engine
+        runs them as one continuously batched workload. It returns them together, so `on_result(i)`
+        is called for every reply at the end."""
+        from ..engine.sampler import SamplingParams
+
+        sampling = {**self.sampling, **({"max_new_tokens": max_tokens} if max_tokens else {})}
+        texts = self.llm.generate_batch([self.prompt(m) for m in conversations], SamplingParams(**sampling))
+        for i in range(len(texts) if on_result else 0):
+            on_result(i)
+        return texts
 
 
 class OpenAIBackend:
@@ -84,10 +122,37 @@ class OpenAIBackend:
         self.model = model
         self.params = {"temperature": 0.0, **params}
 
-    def chat(self, messages: list[dict], tools: list[dict] | None = None) -> AssistantMessage:
-        extra = {"tools": tools} if tools else {}
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str = "auto") -> AssistantMessage:
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        if tools and tool_choice != "auto":
+            extra["tool_choice"] = (tool_choice if tool_choice == "required"
+                                    else {"type": "function", "function": {"name": tool_choice}})
         r = self.client.chat.completions.create(model=self.model, messages=messages, **extra, **self.params)
         msg = r.choices[0].message
         calls = [ToolCall(c.function.name, c.function.arguments or "{}", c.id or new_call_id())
                  for c in msg.tool_calls or [] if getattr(c, "function", None) is not None]
         return AssistantMessage(msg.content, calls)
+
+    def batch_chat(self, conversations: list[list[dict]], max_tokens: int | None = None,
+                   on_result: Callable[[int], None] | None = None, max_workers: int = 8) -> list[str]:
+        """Replies to `conversations` (no tools), in order, at most `max_workers` requests in flight (the
+        endpoint batches them); `on_result(i)` as each arrives. The first failure is raised and the
+        requests not yet sent are dropped."""
+        params = {**self.params, **({"max_tokens": max_tokens} if max_tokens else {})}
+
+        def one(messages: list[dict]) -> str:
+            r = self.client.chat.completions.create(model=self.model, messages=messages, **params)
+            return r.choices[0].message.content or ""
+
+        out: list[str] = [""] * len(conversations)
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(conversations)))) as pool:
+            futures = {pool.submit(one, m): i for i, m in enumerate(conversations)}
+            try:
+                for f in as_completed(futures):
+                    out[futures[f]] = f.result()
+                    if on_result:
+                        on_result(futures[f])
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        return out

@@ -252,3 +252,38 @@ def test_default_model_loop_terminates():
     for s in r.steps:  # whatever the model computes, a calculator call it makes carries the calculator's result
         if s.tool == "calculator" and not s.repeated:
             assert s.result == builtin_registry().call("calculator", s.arguments)
+
+
+def test_forced_first_call_only_on_the_first_turn():
+    sent = []
+
+    class Recording:
+        def chat(self, messages, tools=None, tool_choice="auto"):
+            sent.append(tool_choice)
+            if tool_choice == "required":
+                return AssistantMessage(None, [ToolCall("calculator", CALL)])
+            return AssistantMessage(f"It is {_last_tool_result(messages)}.")
+
+    r = Agent(Recording(), builtin_registry(), first_tool_choice="required").run(QUESTION)
+    assert sent == ["required", "auto"] and r.answer == "It is 353." and r.steps[0].result == "353"
+    with pytest.raises(ValueError, match="first_tool_choice must be auto, required or a tool name"):
+        Agent(Recording(), builtin_registry(), first_tool_choice="shell")
+
+
+@pytest.mark.slow
+def test_default_model_with_a_forced_first_call_answers_from_the_calculator():
+    """The embedded model never calls a tool on its own; decoding its first turn under the call's schema
+    (as `opengpt ask` does for it) gets the calculator's exact result into the final answer."""
+    from opengpt import LLM
+    from opengpt.weights.default import DefaultModelMissing
+
+    try:
+        llm = LLM.load("default")
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))
+    r = Agent(LocalBackend(llm, max_new_tokens=64), builtin_registry(), max_steps=3,
+              first_tool_choice="required").run(QUESTION)
+    first = r.steps[0]
+    assert first.tool == "calculator" and "expression" in json.loads(first.arguments)
+    assert first.result == builtin_registry().call("calculator", first.arguments)  # a real calculator result
+    assert first.result in r.answer, (r.answer, first)
