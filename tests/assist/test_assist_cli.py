@@ -86,3 +86,20 @@ def test_ask_rag_through_a_server_cites_real_chunks(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["answer"] == "Use --resume RUN_DIR [1]." and r["invalid_citations"] == []
     assert [c["source"] for c in r["cited"]] and "--resume RUN_DIR" in r["cited"][0]["text"]
+
+
+def test_summarize_command_through_a_server(tmp_path):
+    doc = tmp_path / "report.md"
+    doc.write_text("\n\n".join(f"# Section {i}\n\n" + f"Fact {i}: the lamp in room {i} is green. " * 30
+                               for i in range(1, 21)))
+    with _server(tmp_path, ["Rooms have green lamps."]) as url:
+        out = invoke("summarize", str(doc), "--base-url", url + "/v1", "--window", "512",
+                     "--max-summary-tokens", "32", "--json")
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["summary"] == "Rooms have green lamps." and r["levels"] >= 2
+    assert r["pieces_per_level"] == sorted(r["pieces_per_level"], reverse=True) and r["pieces_per_level"][0] > 1
+    missing = invoke("summarize", str(tmp_path / "none.txt"))
+    assert missing.exit_code == 2 and "none.txt" in missing.stderr
+    (tmp_path / "bin.txt").write_bytes(b"\0\1binary")
+    assert invoke("summarize", str(tmp_path / "bin.txt")).exit_code == 2

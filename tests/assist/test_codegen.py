@@ -176,16 +176,11 @@ def test_run_cli(tmp_path, capsys):
 
 # -- the default model ---------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_default_model_end_to_end():
-    from opengpt import LLM
+def test_default_model_end_to_end(default_llm):
     from opengpt.assist.backend import LocalBackend
-    from opengpt.weights.default import DefaultModelMissing
 
-    try:
-        llm = LLM.load("default")
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
-    r = generate_code("a function add(a, b) that returns the sum", LocalBackend(llm, max_new_tokens=256), max_rounds=2)
+    r = generate_code("a function add(a, b) that returns the sum", LocalBackend(default_llm, max_new_tokens=256),
+                      max_rounds=2)
     assert r.rounds <= 2 and len(r.history) == r.rounds + 1
     if r.history[r.best_round].score()[0]:
         pytest.fail(f"no syntactically valid candidate in {len(r.history)} rounds: {r.code!r}")

@@ -385,17 +385,11 @@ def test_answer_citations_point_to_real_chunks(tmp_path):
 
 
 @pytest.mark.slow
-def test_answer_with_default_model(tmp_path, minilm):
-    from opengpt import LLM
+def test_answer_with_default_model(tmp_path, minilm, default_llm):
     from opengpt.assist.backend import LocalBackend
-    from opengpt.weights.default import DefaultModelMissing
 
-    try:
-        llm = LLM.load("default")
-    except DefaultModelMissing as e:
-        pytest.skip(str(e))
     store = make_store(tmp_path, minilm)
-    r = answer("How many times are failed uploads retried?", store, LocalBackend(llm, max_new_tokens=48), k=2)
+    r = answer("How many times are failed uploads retried?", store, LocalBackend(default_llm, max_new_tokens=48), k=2)
     assert r.text and len(r.sources) == 2
     real = store.get_chunks(s.chunk_id for s in r.sources)
     for c in r.sources + r.cited:  # whatever the model wrote, every citation is a chunk of the store

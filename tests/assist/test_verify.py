@@ -159,10 +159,8 @@ def test_solver_flags_an_answer_it_cannot_repair():
 
 
 @pytest.mark.slow
-def test_solver_runs_the_default_model_end_to_end(default_gguf):
-    from opengpt import LLM
-
-    backend = LocalBackend(LLM.load(default_gguf), max_new_tokens=64)
+def test_solver_runs_the_default_model_end_to_end(default_llm):
+    backend = LocalBackend(default_llm, max_new_tokens=64)
     r = VerifiedSolver(backend, max_repairs=1).solve("A pen costs $3. How much do 4 pens cost?")
     assert r.attempts and r.repairs <= 1 and r.reasoning
     assert r.verified == (r.verification.ok and r.verification.checked > 0)
