@@ -211,6 +211,20 @@ class OpenAIServing:
             if last is not None:
                 self.metrics.e2e.observe(time.perf_counter() - t0)
 
+    async def until_deadline(self, streams: list[AsyncIterator[Delta]], deadline: float):
+        """`merged(streams)` until they end, or until `deadline` (perf_counter time): then one last
+        (None, the 504 timeout event) and the streams are closed, which aborts their requests."""
+        async with aclosing(self.merged(streams)) as gen:
+            while True:
+                try:
+                    yield await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    yield None, _sse(APIError(504, f"the request ran past its {self.config.request_timeout:g} s "
+                                                   "timeout", code="timeout").body())
+                    return
+
     async def merged(self, streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta]]:
         """(choice index, delta) from several choices as they come."""
         if len(streams) == 1:
@@ -391,17 +405,10 @@ class OpenAIServing:
                     c = self._tool_call(req.tool_choice.function.name, "")
                     ncalls[i] = 1
                     yield chunk(i, {"tool_calls": [{"index": 0, **c}]})
-            gen = self.merged(streams)
-            try:
-                while True:
-                    left = deadline - time.perf_counter()
-                    try:
-                        i, d = await asyncio.wait_for(gen.__anext__(), timeout=max(left, 0.001))
-                    except StopAsyncIteration:
-                        break
-                    except asyncio.TimeoutError:
-                        yield _sse(APIError(504, f"the request ran past its {self.config.request_timeout:g} s "
-                                                 "timeout", code="timeout").body())
+            async with aclosing(self.until_deadline(streams, deadline)) as deltas:
+                async for i, d in deltas:
+                    if i is None:  # the deadline passed: d is the 504 event
+                        yield d
                         break
                     completion += len(d.token_ids)
                     lp = self.chat_logprobs(d.logprobs) if req.logprobs else None
@@ -434,8 +441,6 @@ class OpenAIServing:
                     if d.finish_reason is not None:
                         finish = "tool_calls" if ncalls[i] and d.finish_reason == "stop" else d.finish_reason
                         yield chunk(i, {}, finish)
-            finally:
-                await gen.aclose()
             if include_usage:
                 yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
                             "usage": self._usage(n_prompt, completion)})
@@ -523,22 +528,14 @@ class OpenAIServing:
             for i, e in enumerate(echo):
                 if e:
                     yield chunk(i, e)
-            gen = self.merged(streams)
-            try:
-                while True:
-                    try:
-                        i, d = await asyncio.wait_for(gen.__anext__(), max(deadline - time.perf_counter(), 0.001))
-                    except StopAsyncIteration:
-                        break
-                    except asyncio.TimeoutError:
-                        yield _sse(APIError(504, f"the request ran past its {self.config.request_timeout:g} s "
-                                                 "timeout", code="timeout").body())
+            async with aclosing(self.until_deadline(streams, deadline)) as deltas:
+                async for i, d in deltas:
+                    if i is None:  # the deadline passed: d is the 504 event
+                        yield d
                         break
                     completion += len(d.token_ids)
                     if d.text or d.finish_reason or d.logprobs:
                         yield chunk(i, d.text, d.finish_reason, d.logprobs if req.logprobs is not None else None)
-            finally:
-                await gen.aclose()
             if include_usage:
                 yield _sse({**base, "object": "text_completion", "choices": [],
                             "usage": self._usage(n_prompt, completion)})

@@ -167,6 +167,13 @@ def test_request_timeout(long_llm):
         events = [line for line in httpx.post(url + "/v1/chat/completions", json={**LONG, "stream": True},
                                               timeout=60).text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "timeout"
+        # raw completions, streamed with usage: the 504 event, then the usage chunk, then [DONE]
+        body = {"model": "default", "prompt": "hi", "max_tokens": 3000, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        events = [line for line in httpx.post(url + "/v1/completions", json=body, timeout=60).text.splitlines()
+                  if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-3][6:])["error"]["code"] == "timeout"
+        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] > 0
         assert idle(app)
 
 
