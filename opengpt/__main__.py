@@ -318,7 +318,8 @@ def _backend(model: str, dtype: str, base_url: str | None, api_key: str | None, 
     from .assist.backend import LocalBackend, OpenAIBackend
 
     if base_url is not None:
-        sampling["max_tokens"] = sampling.pop("max_new_tokens")
+        if "max_new_tokens" in sampling:  # the OpenAI name for it
+            sampling["max_tokens"] = sampling.pop("max_new_tokens")
         return OpenAIBackend(base_url, api_key or os.environ.get("OPENAI_API_KEY"), remote_model, **sampling)
     return LocalBackend(_load(model, dtype), **sampling)
 
@@ -365,6 +366,7 @@ def ask(
     the answer is checked by the calculator. --cot: every calculation is listed with ✓ (checked), ✗ (wrong) or ?
     (not checkable). --rag: the sources follow the answer. The answer goes to stdout.
     """
+    from .assist.agent import Agent, check_tool_choice
     from .assist.tools.registry import builtin_registry
     from .assist.verify import VerifiedSolver, check
 
@@ -374,8 +376,7 @@ def ask(
     try:
         registry = builtin_registry(tools or ["calculator"])
         choice = tool_choice or ("required" if model == "default" and base_url is None else "auto")
-        if choice not in ("auto", "required", *registry.names):
-            raise ValueError(f"--tool-choice must be auto, required or one of the tools ({', '.join(registry.names)})")
+        check_tool_choice(choice, registry)  # before the model loads
     except ValueError as e:
         _fail(str(e))
     backend = _backend(model, dtype, base_url, api_key, remote_model, max_new_tokens=max_new_tokens,
@@ -395,7 +396,6 @@ def ask(
         else:
             print(r.answer)
         return
-    from .assist.agent import Agent
 
     def show(step) -> None:
         note = " (repeated: not run again)" if step.repeated else ""
@@ -512,17 +512,13 @@ def summarize(
     merge the summaries level by level (in order) until one prompt holds them, and summarize that.
 
     A progress bar per level goes to stderr, the summary to stdout."""
-    import os
-
-    from .assist.summarize import SummarizeError, read_text, summarize_file
+    from .assist.summarize import SummarizeError, Summarizer, read_text
 
     try:
-        read_text(file)  # before the model loads: a missing or binary file should fail fast
-        target = remote_model if base_url is not None else _load(model, dtype)
+        text = read_text(file)  # before the model loads: a missing or binary file should fail fast
+        backend = _backend(model, dtype, base_url, api_key, remote_model)
         with _remote_errors(base_url):
-            result = summarize_file(file, target, base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY"),
-                                    window=window,
-                                    max_summary_tokens=max_summary_tokens)
+            result = Summarizer(backend, window=window, max_summary_tokens=max_summary_tokens).summarize(text)
     except SummarizeError as e:
         _fail(str(e))
     typer.secho(f"{result.tokens_in} tokens in, {result.levels} levels {result.pieces_per_level}", err=True, dim=True)

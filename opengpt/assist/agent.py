@@ -41,6 +41,12 @@ def system_prompt(registry: ToolRegistry) -> str:
     return " ".join([SYSTEM_PROMPT, *(TOOL_HINTS[n] for n in registry.names if n in TOOL_HINTS), ANSWER_HINT])
 
 
+def check_tool_choice(choice: str, registry: ToolRegistry) -> None:
+    """A ValueError unless `choice` is auto, required or one of the registry's tools."""
+    if choice not in ("auto", "required", *registry.names):
+        raise ValueError(f"first_tool_choice must be auto, required or a tool name ({', '.join(registry.names)})")
+
+
 @dataclass(slots=True)
 class Step:
     tool: str
@@ -69,8 +75,7 @@ class Agent:
                  first_tool_choice: str = "auto"):
         if max_steps < 1:
             raise ValueError("max_steps must be at least 1")
-        if first_tool_choice not in ("auto", "required", *registry.names):
-            raise ValueError(f"first_tool_choice must be auto, required or a tool name ({', '.join(registry.names)})")
+        check_tool_choice(first_tool_choice, registry)
         # "required" (or a tool's name) decodes the first turn under the call's JSON schema: for small models
         # that answer arithmetic from memory instead of calling the calculator; later turns are the model's own
         self.first_tool_choice = first_tool_choice

@@ -84,17 +84,11 @@ class LocalBackend:
         """A call decoded under the JSON schema of the call(s), as the server serves `tool_choice`."""
         from ..engine.guided import json_processor
 
-        if tool_choice == "required":
-            schema = T.forced_call_schema(tools, parallel=False)
-        else:
-            tool = next((t for t in tools if t["function"]["name"] == tool_choice), None)
-            if tool is None:
-                raise ValueError(f"tool_choice names {tool_choice!r}, which is not among the tools")
-            schema = T.parameters(tool)
+        schema = T.forced_schema(tools, tool_choice, parallel=False)
         max_new = self.sampling["max_new_tokens"]
         proc = json_processor(schema, self.llm.tokenizer, self.llm.config.vocab_size, max(max_new - 1, 1))
         text = self.llm.complete(ids, **self.sampling, logits_processors=[proc]).text
-        calls = T.parse_forced_calls(text) if tool_choice == "required" else [(tool_choice, text)]
+        calls = T.forced_calls(text, tool_choice)
         return AssistantMessage(None if calls else text, [ToolCall(name, args) for name, args in calls])
 
     def batch_chat(self, conversations: list[list[dict]], max_tokens: int | None = None,

@@ -286,13 +286,12 @@ class OpenAIServing:
         """(JSON schema the output must follow, output kind: text | json | named | required)."""
         choice = req.tool_choice
         if tools is not None and choice is not None and choice not in ("auto", "none"):
-            if choice == "required":
-                return T.forced_call_schema(tools, req.parallel_tool_calls), "required"
-            tool = next((t for t in tools if t["function"]["name"] == choice.function.name), None)
-            if tool is None:
-                raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                               param="tool_choice")
-            return T.parameters(tool), "named"
+            named = choice != "required"
+            try:
+                schema = T.forced_schema(tools, choice.function.name if named else choice, req.parallel_tool_calls)
+                return schema, "named" if named else "required"
+            except ValueError as e:
+                raise APIError(400, str(e), param="tool_choice") from None
         if choice is not None and choice not in ("auto", "none") and tools is None:
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         fmt = req.response_format
@@ -359,10 +358,8 @@ class OpenAIServing:
 
     def _calls(self, text: str, kind: str, auto_tools: bool, names: set[str], req) -> tuple | None:
         """(content, calls) when the output is to be read as tool calls, else None."""
-        if kind == "named":
-            return None, [(req.tool_choice.function.name, text)]
-        if kind == "required":
-            calls = T.parse_forced_calls(text)
+        if kind in ("named", "required"):
+            calls = T.forced_calls(text, req.tool_choice.function.name if kind == "named" else "required")
             return (None, calls) if calls else (text, [])
         if auto_tools:
             return T.parse_tool_calls(text, names)

@@ -241,6 +241,23 @@ def forced_call_schema(tools: list[dict], parallel: bool) -> dict:
     return schema
 
 
+def forced_schema(tools: list[dict], choice: str, parallel: bool) -> dict:
+    """The JSON schema a forced turn is decoded under: `choice` "required" (any tool) or a tool's name
+    (its parameters); a name that is not among `tools` is a ValueError."""
+    if choice == "required":
+        return forced_call_schema(tools, parallel)
+    tool = next((t for t in tools if t["function"]["name"] == choice), None)
+    if tool is None:
+        raise ValueError(f"tool_choice names {choice!r}, which is not among the tools")
+    return parameters(tool)
+
+
+def forced_calls(text: str, choice: str) -> list[tuple[str, str]]:
+    """The calls of a turn decoded under `forced_schema(tools, choice, ...)`: for a named tool the whole
+    output is its arguments."""
+    return parse_forced_calls(text) if choice == "required" else [(choice, text)]
+
+
 def parse_forced_calls(text: str) -> list[tuple[str, str]]:
     """The calls of a `forced_call_schema` output (empty when generation was cut before the JSON ended)."""
     obj = _json(text)
