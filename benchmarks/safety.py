@@ -88,7 +88,12 @@ def toxicity_metrics(seed: int) -> dict:
         d["flagged"] += int(hit[i])
     wc = [i for i in neg if te[i].source == WRITTEN_CLEAN]
     wt = [i for i in pos if te[i].source == WRITTEN_TOXIC]
-    return {"counts": counts(tr, te), "threshold": thr,
+    from opengpt.assist.safety.policy import DEFAULTS
+
+    policy_thr = DEFAULTS["monitor"]["toxicity"]["threshold"]  # what the default policy blocks at
+    at_policy = {"threshold": policy_thr, "recall": float((p[pos] >= policy_thr).mean()),
+                 "fpr": float((p[neg] >= policy_thr).mean())}
+    return {"counts": counts(tr, te), "threshold": thr, "at_policy_threshold": at_policy,
             "recall": float(hit[pos].mean()), "fpr": float(hit[neg].mean()),
             "written_clean_answers": {"n": len(wc), "fpr": float(hit[wc].mean()) if wc else None},
             "written_toxic": {"n": len(wt), "recall": float(hit[wt].mean()) if wt else None},

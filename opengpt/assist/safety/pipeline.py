@@ -38,6 +38,7 @@ from pathlib import Path
 from .policy import Check, Policy
 
 log = logging.getLogger("opengpt.safety")
+MIN_CLASSIFY = 96  # characters of answer before the classifiers' scores count (about 20 tokens)
 SEVERITY = {"off": 0, "log": 1, "disclaim": 2, "redact": 3, "block": 4}
 
 
@@ -94,6 +95,15 @@ def _text(content) -> str:
     if isinstance(content, list):  # OpenAI content parts
         return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
     return "" if content is None else str(content)
+
+
+def _abuse(text: str) -> str | None:
+    """The first `abuse` rule (rules.py) that `text` matches: short directed threats and insults that
+    the toxicity model scores too low."""
+    from .normalize import normalize
+    from .rules import match_rules
+
+    return next((h.rule for h in match_rules(normalize(text)) if h.category == "abuse"), None)
 
 
 def _emit(d: Decision, route: str | None, request_id: str | None) -> Decision:
@@ -250,11 +260,17 @@ class Monitor:
         stop = None
         window = self.text[-self.layer.window_chars:]  # a window, so a long answer costs O(n), not O(n^2)
         if self.tox.on:
-            s = self.pipe.toxicity.scores(window).get("toxic", 0.0)
-            if s >= (self.tox.threshold if self.tox.threshold is not None else self.pipe.toxicity.threshold):
+            # Under MIN_CLASSIFY characters the classifier is not trusted ("I'm sorry to hea" scores as
+            # toxic): the abuse rules alone watch the first words.
+            s = self.pipe.toxicity.scores(window).get("toxic", 0.0) if len(window) >= MIN_CLASSIFY else 0.0
+            abuse = _abuse(window)
+            if abuse:
+                d = self._decide(layer, self.tox, f"abusive phrase aimed at the reader ({abuse})", 1.0)
+                stop = d if d.action == "block" else None
+            elif s >= (self.tox.threshold if self.tox.threshold is not None else self.pipe.toxicity.threshold):
                 d = self._decide(layer, self.tox, f"toxic text in the answer ({s:.2f})", round(float(s), 4))
                 stop = stop or (d if d.action == "block" else None)
-        if self.harm.on and stop is None:
+        if self.harm.on and stop is None and len(window) >= MIN_CLASSIFY:
             s = self.pipe.intent.scores(window).get("harmful", 0.0)
             if s >= (self.harm.threshold if self.harm.threshold is not None else 0.9):
                 d = self._decide(layer, self.harm, f"the answer reads as harmful instructions ({s:.2f})",

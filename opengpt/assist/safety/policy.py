@@ -46,12 +46,15 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "pii": {"action": "redact", "kinds": None},
     },
     "monitor": {
-        "toxicity": {"action": "block", "threshold": None},  # None: the toxicity model's stored threshold
+        # 0.9, not the model's stored threshold (0.72, FPR 2% on validation): on the default model's own
+        # answers to everyday questions, streamed, 0.72 stopped 2 of 24 (empathetic second-person prose
+        # scores high); directed abuse scores 0.98+ and short abuse is caught by the abuse rules.
+        "toxicity": {"action": "block", "threshold": 0.9},
         "harmful": {"action": "block", "threshold": 0.9},
         "pii": {"action": "redact", "kinds": None},
     },
     "output": {
-        "toxicity": {"action": "block", "threshold": None},
+        "toxicity": {"action": "block", "threshold": 0.9},  # see the monitor's
         "pii": {"action": "redact", "kinds": None},
         "factcheck": {"action": "disclaim"},
     },

@@ -11,7 +11,10 @@ Categories:
   "no restrictions / filters / guidelines" addressed to the model, "stay in character no matter
   what", and the AIM / STAN / DUDE personas;
 * `exfiltration`: markdown images or links whose URL carries data (`![x](https://...?data=`), URL
-  templates to be filled with the conversation, and instructions to send secrets to a URL.
+  templates to be filled with the conversation, and instructions to send secrets to a URL;
+* `abuse`: text aimed at the reader, for the monitor and output layers: "go kill yourself", "I will
+  find you", "you are a worthless idiot". The toxicity model scores these short phrases too low (its
+  training data is mostly longer text), so the safety monitor treats a hit as toxic.
 
 Precision over recall: the rules are the cheap first layer (the classifier sees the rest), and a
 false block on "how do I ignore warnings in pytest" costs more trust than a missed attack. So every
@@ -124,6 +127,16 @@ RULES: list[tuple[str, str, str]] = [
      rf"\b(?:send|post|upload|transmit|forward|exfiltrate|leak|submit|email|append|include|encode)\s+(?:\w+\s+){{0,3}}?"
      rf"{_SECRETS}\b(?:\s+\S+){{0,6}}?\s+(?:to|at|into|in)\s+(?:the\s+)?(?:url|endpoint|server|webhook|link)?\s*"
      rf"(?:{_URL}|[\w-]+\.(?:com|net|org|io|xyz|ru|cn|site|app)\b)"),
+    # -- abuse (for the monitor and output layers: text aimed at the reader) -----------------------
+    ("suicide_baiting", "abuse",
+     r"\b(?:go|you\s+should|just|pls|please)\s+(?:kill|hang|shoot)\s+yourself\b|\bkys\b|"
+     r"\b(?:go|just)\s+(?:die|drop\s+dead)\b|\bi\s+hope\s+you\s+(?:die|get\s+(?:cancer|killed|hit\s+by))\b"),
+    ("threat_to_reader", "abuse",
+     r"\bi\s*(?:will|'ll|am\s+going\s+to|'m\s+going\s+to|am\s+gonna|'m\s+gonna|gonna)\s+"
+     r"(?:find|hunt\s+down|kill|hurt|beat|stab|shoot|rape|murder|strangle)\s+you\b"),
+    ("insult_to_reader", "abuse",
+     r"\byou\s*(?:are|'re|r)\s+(?:a|an|such\s+an?)\s+(?:\w+\s+){0,2}"
+     r"(?:idiot|moron|loser|retard|imbecile|piece\s+of\s+(?:shit|trash|garbage))\b"),
 ]
 
 # Speed: a rule's regex runs only if each of its trigger groups has a substring in the text (C-speed
@@ -165,9 +178,13 @@ TRIGGERS: dict[str, tuple[tuple[str, ...], ...]] = {
                             ("conversation", "chat", "history", "messages", "password", "credential", "key", "secret",
                              "token", "prompt", "user", "personal", "private", "sensitive", "everything",
                              "information", "data")),
+    "suicide_baiting": (("yourself", "kys", "die", "dead"),),
+    "threat_to_reader": (("you",), ("find", "hunt", "kill", "hurt", "beat", "stab", "shoot", "rape", "murder",
+                                    "strangle")),
+    "insult_to_reader": (("you",), ("idiot", "moron", "loser", "retard", "imbecile", "piece of")),
 }
 _COMPILED = [(name, cat, TRIGGERS[name], re.compile(pat)) for name, cat, pat in RULES]
-CATEGORIES = ("injection", "jailbreak", "exfiltration")
+CATEGORIES = ("injection", "jailbreak", "exfiltration", "abuse")
 
 
 def match_rules(normalized: str) -> list[RuleHit]:
