@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import conditions, write_json
+from common import conditions, percentile, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
@@ -75,10 +75,6 @@ def pairs(groups: list[dict]) -> tuple[list[tuple], list[tuple]]:
         true += [(g["q"], p1), (g["q"], p2), (p1, p2)]
         near += [(g["q"], n1[0], n1[1]), (g["q"], n2[0], n2[1]), (p1, n1[0], n1[1])]
     return true, near
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 MODES = {"raw": {"verify": False}, "verified": {"verify": True, "contextual": "off"},

@@ -87,6 +87,11 @@ def time_tokens(tokens: Iterable[int]) -> TokenTimes:
     return TokenTimes(out, stamps[1] - stamps[0], [b - a for a, b in itertools.pairwise(stamps[1:])])
 
 
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (linear between closest ranks, as numpy's default)."""
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
 def write_json(result: dict, path: str | Path) -> None:
     """Write a result with the load average at its end (the start is in `conditions()`)."""
     result.setdefault("conditions", {})["load_average_1min_at_end"] = os.getloadavg()[0]

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import conditions, write_json
+from common import conditions, percentile, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("bm25", "vector", "hybrid")
@@ -52,10 +51,6 @@ def fold(text: str) -> str:
 def relevant(hit, expected: list[dict]) -> bool:
     return any(hit.source == e["source"] and ("phrase" not in e or fold(e["phrase"]) in fold(hit.text))
                for e in expected)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def main() -> None:

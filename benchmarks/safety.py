@@ -29,20 +29,15 @@ prompt, monitor pushes in 4-character chunks, finish (target p95 < 60 ms).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import conditions, write_json
+from common import conditions, percentile, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def percentile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def evaluate(flag: Callable[[str], bool], test: list, attack_labels: tuple[str, ...]) -> dict:

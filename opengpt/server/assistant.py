@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..assist.messages import content_text, last_user_text
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, FeedbackRequest, Message
 from .serving import EventStream, OpenAIServing, _now, _sse
 
@@ -47,12 +48,8 @@ def user_scope(body_user: str | None, authorization: str | None) -> str | None:
 
 def sources_of(messages: list[dict]) -> list[str]:
     """What an answer's facts may rest on: tool results and system turns (where retrieved context goes)."""
-    out = []
-    for m in messages:
-        if m.get("role") in ("tool", "function", "system", "developer") and m.get("content"):
-            c = m["content"]
-            out.append(c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict)))
-    return out
+    return [content_text(m["content"]) for m in messages
+            if m.get("role") in ("tool", "function", "system", "developer") and m.get("content")]
 
 
 async def _lines(lines: list[str]) -> AsyncIterator[str]:
@@ -137,8 +134,14 @@ class Assistant:
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
                 "safety": {"input": verdict.to_dict()}}
 
+    @staticmethod
+    def answer(req: ChatCompletionRequest, resp: dict):
+        """A complete chat.completion as the client asked for it: the dict, or replayed as a stream."""
+        if not req.stream:
+            return resp
+        return EventStream(replay(resp, bool(req.stream_options and req.stream_options.include_usage)), lambda: None)
+
     async def chat(self, req: ChatCompletionRequest, user: str | None = None):
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = req.model_dump(exclude_none=True)
         messages = body["messages"]
         verdict = None
@@ -147,7 +150,7 @@ class Assistant:
             if verdict.action == "block":
                 resp = self.refusal(req, verdict)  # kept for feedback (a wrong refusal is worth a thumbs down)
                 await self.record(resp, {**body, "messages": verdict.messages}, user, cache=False)
-                return EventStream(replay(resp, include_usage), lambda: None) if req.stream else resp
+                return self.answer(req, resp)
             if verdict.messages != messages:  # PII redacted
                 messages = verdict.messages
                 body["messages"] = messages
@@ -158,11 +161,12 @@ class Assistant:
                 resp = {**hit.response, "id": f"chatcmpl-{uuid.uuid4().hex}", "created": _now(),
                         "cache": {"kind": hit.kind, "score": round(float(hit.score), 4)}}
                 await self.record(resp, body, user, cache=False)
-                return EventStream(replay(resp, include_usage), lambda: None) if req.stream else resp
+                return self.answer(req, resp)
+        question = last_user_text(messages)
         if self.router is not None:
-            result = await self.routed(req, body)
+            result = await self.routed(req, body, question)
         else:
-            result = await self.serving.chat(req, self.safety, ROUTE, sources_of(messages))
+            result = await self.serving.chat(req, self.safety, ROUTE, sources_of(messages), question)
         if verdict is not None and verdict.decisions and isinstance(result, dict):
             result.setdefault("safety", {})["input"] = verdict.to_dict()
         if isinstance(result, EventStream):
@@ -192,7 +196,7 @@ class Assistant:
                 return resp
         return await self.serving.completions(req, self.safety, COMPLETIONS)
 
-    async def routed(self, req: ChatCompletionRequest, body: dict):
+    async def routed(self, req: ChatCompletionRequest, body: dict, question: str | None):
         from ..assist.router import RouterError
 
         try:
@@ -204,18 +208,13 @@ class Assistant:
             for c in resp.get("choices", []):
                 text = c.get("message", {}).get("content")
                 if text:
-                    question = next((m["content"] for m in reversed(body["messages"])
-                                     if m.get("role") == "user" and isinstance(m.get("content"), str)), None)
                     v = self.safety.check_output(text, sources_of(body["messages"]), ROUTE, question=question)
                     c["message"]["content"] = v.text
                     if v.refusal:
                         c["finish_reason"] = "content_filter"
                     if v.decisions:
                         resp.setdefault("safety", {}).setdefault("output", []).extend(d.to_dict() for d in v.decisions)
-        if req.stream:
-            return EventStream(replay(resp, bool(req.stream_options and req.stream_options.include_usage)),
-                               lambda: None)
-        return resp
+        return self.answer(req, resp)
 
     async def tap(self, events: AsyncIterator[str], body: dict, user: str | None) -> AsyncIterator[str]:
         asm = Assembler()

@@ -325,10 +325,10 @@ class OpenAIServing:
             raise APIError(400, str(e), param="response_format") from None
 
     async def chat(self, req: ChatCompletionRequest, safety=None, route: str | None = None,
-                   sources: list[str] | None = None):
+                   sources: list[str] | None = None, question: str | None = None):
         """A full response dict, or an async iterator of SSE lines when req.stream. With a safety
         Pipeline, each text choice is watched by its monitor while it generates (server.assistant
-        runs the input layer before this)."""
+        runs the input layer before this and passes the fact check's sources and question)."""
         t0 = time.perf_counter()
         self.check_model(req.model)
         prompt_ids, tools = self.chat_prompt(req)
@@ -343,8 +343,6 @@ class OpenAIServing:
         slots = await self.admission.acquire(req.n)
         self.metrics.prompt_tokens.inc(len(prompt_ids) * req.n)
         # Forced calls are JSON arguments, not prose: the monitor watches text answers only.
-        question = next((m.content for m in reversed(req.messages) if m.role == "user" and isinstance(m.content, str)),
-                        None)
         monitors = [safety.monitor(route, f"{rid}-{i}", question) if safety is not None and kind == "text" else None
                     for i in range(req.n)]
         streams = [self.generate(f"{rid}-{i}", prompt_ids, p, p.stop, t0, monitors[i], sources)

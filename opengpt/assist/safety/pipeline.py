@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from ..messages import content_text
 from .policy import Check, Policy
 
 log = logging.getLogger("opengpt.safety")
@@ -89,12 +90,9 @@ class Step:
     decision: Decision | None = None
 
 
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return "" if content is None else str(content)
+def _threshold(check: Check, default: float) -> float:
+    """The check's threshold from the policy; `threshold: null` there means `default` (a model's own)."""
+    return check.threshold if check.threshold is not None else default
 
 
 def _abuse(text: str) -> str | None:
@@ -162,7 +160,7 @@ class Pipeline:
         layer = policy.input
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         read = [i for i, m in enumerate(messages) if m.get("role") != "assistant"]
-        text = "\n".join(_text(messages[i].get("content")) for i in read)
+        text = "\n".join(content_text(messages[i].get("content")) for i in read)
         norm = normalize(text)
         out = Verdict("input", messages=messages)
 
@@ -171,7 +169,8 @@ class Pipeline:
 
         c = layer.get("attacks")
         if c.on:
-            m = self.attacks.match(norm, threshold=c.threshold if c.threshold is not None else 0.6)
+            m = self.attacks.match(norm, threshold=_threshold(c, 0.6),
+                                   signature=self.attacks.signature(norm, normalized=True))  # normalised above
             if m is not None:
                 decide(c, f"near-duplicate of a known {m.label} prompt ({m.source}, similarity {m.score:.2f}): "
                           f"{m.text_preview!r}", round(float(m.score), 4))
@@ -198,7 +197,7 @@ class Pipeline:
             for i in read:
                 content = messages[i].get("content")
                 if not isinstance(content, str):
-                    content = _text(content)
+                    content = content_text(content)
                 r = redact(content, kinds)
                 if r.spans:
                     found += [s.kind for s in r.spans]
@@ -262,17 +261,18 @@ class Monitor:
         if self.tox.on:
             # Under MIN_CLASSIFY characters the classifier is not trusted ("I'm sorry to hea" scores as
             # toxic): the abuse rules alone watch the first words.
-            s = self.pipe.toxicity.scores(window).get("toxic", 0.0) if len(window) >= MIN_CLASSIFY else 0.0
             abuse = _abuse(window)
+            s = (self.pipe.toxicity.scores(window).get("toxic", 0.0)
+                 if not abuse and len(window) >= MIN_CLASSIFY else 0.0)
             if abuse:
                 d = self._decide(layer, self.tox, f"abusive phrase aimed at the reader ({abuse})", 1.0)
                 stop = d if d.action == "block" else None
-            elif s >= (self.tox.threshold if self.tox.threshold is not None else self.pipe.toxicity.threshold):
+            elif s >= _threshold(self.tox, self.pipe.toxicity.threshold):
                 d = self._decide(layer, self.tox, f"toxic text in the answer ({s:.2f})", round(float(s), 4))
-                stop = stop or (d if d.action == "block" else None)
+                stop = d if d.action == "block" else None
         if self.harm.on and stop is None and len(window) >= MIN_CLASSIFY:
             s = self.pipe.intent.scores(window).get("harmful", 0.0)
-            if s >= (self.harm.threshold if self.harm.threshold is not None else 0.9):
+            if s >= _threshold(self.harm, 0.9):
                 d = self._decide(layer, self.harm, f"the answer reads as harmful instructions ({s:.2f})",
                                  round(float(s), 4))
                 stop = d if d.action == "block" else None
@@ -304,21 +304,22 @@ class Monitor:
             return out
         tail = self.redactor.flush() if self.redactor else ""
         self.sent += tail
+        def refused() -> Verdict:  # a whole answer is replaced; a stream ends with the stop message
+            out.refusal = self.policy.refusal
+            out.text = self.policy.refusal if whole else self.policy.stopped
+            return out
+
         if len(self.text) > self.checked and self._scan() is not None:
             self.stopped = True
-            out.text = self.policy.refusal if whole else self.policy.stopped
-            out.refusal = self.policy.refusal
-            return out
+            return refused()
         layer = self.policy.output
         c = layer.get("toxicity")
         if c.on:
             s = self.pipe.toxicity.scores(self.text).get("toxic", 0.0)
-            if s >= (c.threshold if c.threshold is not None else self.pipe.toxicity.threshold):
+            if s >= _threshold(c, self.pipe.toxicity.threshold):
                 d = self._decide("output", c, f"the answer is toxic ({s:.2f})", round(float(s), 4))
                 if d.action == "block":
-                    out.refusal = self.policy.refusal
-                    out.text = self.policy.refusal if whole else self.policy.stopped
-                    return out
+                    return refused()
         final = self.sent
         c = layer.get("pii")
         if c.on and self.redactor is None:  # the monitor did not redact as it streamed
