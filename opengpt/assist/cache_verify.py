@@ -26,7 +26,7 @@ some all each every so than then too very just also s t whats what's hows how's 
 is it's im i'm way ways thing things one many much""".split())
 
 NEGATION = {"not": "not", "no": "not", "never": "not", "none": "not", "nothing": "not", "nobody": "not",
-            "nowhere": "not", "neither": "not", "nor": "not", "cannot": "not", "without": "without",
+            "nowhere": "not", "neither": "not", "nor": "not", "cannot": "not", "non": "not", "without": "without",
             "except": "except", "excluding": "except", "besides": "except", "outside": "except"}
 
 # Antonym groups: each side lists its word forms; sides of one group present must agree.
@@ -104,7 +104,7 @@ _CAP = re.compile(r"(?<![\w.])[A-Z][\w+#]*")
 
 
 # Phrases read as the word they mean before any rule looks at the words.
-_PHRASES = [(re.compile(r"\binto (?:one|a single)\b"), "join into")]
+_PHRASES = [(re.compile(r"\binto (?:one|a single)\b"), "join into"), (re.compile(r"\s*(?:→|->)\s*"), " to ")]
 
 
 def _words(text: str) -> list[str]:
@@ -200,7 +200,8 @@ def _directed_pairs(words: list[str]) -> set[tuple[str, str, str]]:
 _FRAMES = [
     ("how many", "quantity"), ("how much", "quantity"), ("number of", "quantity"), ("amount of", "quantity"),
     ("how long", "quantity"), ("how large", "quantity"), ("how big", "quantity"), ("how old", "quantity"),
-    ("how far", "quantity"), ("how often", "quantity"), ("how tall", "quantity"), ("how fast", "quantity"),
+    ("how far", "quantity"), ("how tall", "quantity"), ("how fast", "quantity"),
+    ("how often", "frequency"), ("how many times", "frequency"), ("how frequently", "frequency"),
     ("what year", "time"), ("which year", "time"), ("in what year", "time"), ("what time", "time"),
     ("what date", "time"), ("best time", "time"), ("right time", "time"), ("when", "time"), ("who", "person"), ("whom", "person"), ("whose", "person"),
     ("which person", "person"), ("where", "place"), ("why", "reason"), ("what causes", "reason"),
@@ -212,15 +213,15 @@ _YESNO = frozenset("is are was were am do does did can could should would will s
 
 
 def question_type(text: str) -> str | None:
-    """The frame of a question: quantity, time, person, place, reason, manner, yesno; None when it has
-    none that says anything (a bare "what", a statement). A quantity phrase counts anywhere; another
-    wh-word at a clause's start (first three words) or end; then a yes/no question ("Can I drink the
-    water when travelling?" is yes/no); then a wh-word anywhere."""
+    """The frame of a question: quantity, frequency, time, person, place, reason, manner, yesno; None
+    when it has none that says anything (a bare "what", a statement). A frequency or quantity phrase
+    counts anywhere; another wh-word at a clause's start (first three words) or end; then a yes/no
+    question ("Can I drink the water when travelling?" is yes/no); then a wh-word anywhere."""
     low = " ".join(_words(text))
     found = [(m.group(1), m.start()) for m in _FRAME_RE.finditer(low)]
-    for phrase, _ in found:
-        if _FRAME_OF[phrase] == "quantity":
-            return "quantity"
+    for frame in ("frequency", "quantity"):  # "how often" is not "how much", wherever it stands
+        if any(_FRAME_OF[phrase] == frame for phrase, _ in found):
+            return frame
     for clause in re.split(r"[,;:?.!]", text.lower()):
         cw = " ".join(_words(clause))
         for m in _FRAME_RE.finditer(cw):

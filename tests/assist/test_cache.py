@@ -353,6 +353,11 @@ def test_redis_cache_without_the_package_says_what_to_install(monkeypatch):
     ("How do I get the current date in JavaScript?", "How do I format the current date in JavaScript?", "unaligned"),
     # "what's the best time" asks when
     ("What's the best time to plant tulip bulbs?", "Where should I plant tulip bulbs?", "question_type"),
+    # "non-" negates; an arrow is "to"; "how often" is not "how much"
+    ("How do I keep only matching rows in a SQL join?", "How do I keep only non-matching rows in a SQL join?",
+     "negation"),
+    ("Cheapest train Lyon → Milan?", "What's the cheapest train from Milan to Lyon?", "order"),
+    ("How much should I water a young olive tree?", "How often should I water a young olive tree?", "question_type"),
 ])
 def test_new_rules_reject(cached, new, reason):
     assert mismatch(new, cached) == reason
@@ -366,6 +371,8 @@ def test_new_rules_reject(cached, new, reason):
     ("How much sleep does a teenager need?", "How many hours of sleep does a teenager need?"),  # unit on one side
     ("Convert 5 km to miles", "How many miles are 5 kilometres?"),  # task verbs may float
     ("What makes the sky blue?", "Why does the sky look really blue?"),  # generic added words float
+    ("Cheapest train Lyon -> Milan?", "What's the cheapest train from Lyon to Milan?"),  # arrow = to
+    ("How often should I water a cactus?", "How many times a week should I water a cactus?"),  # both frequency
 ])
 def test_new_rules_keep_paraphrases(a, b):
     assert mismatch(a, b) is None and mismatch(b, a) is None, (mismatch(a, b), mismatch(b, a))

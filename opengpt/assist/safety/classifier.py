@@ -16,12 +16,11 @@ shipped here) looked up for the normalized text's word pieces and pooled, mean a
 (768 values, scaled by `dense_alpha`), appended to the hashed features; a lookup, not a forward pass, so
 scoring stays well under 2 ms for a 512-word prompt (tokenisation is cached per whitespace word).
 
-Models ship in models/: `intent` (injection, jailbreak, harmful; hashed features) for prompts, the
-pipeline's default; `intent_dense` (the same labels, hashed + dense features; opt-in: on held-out it
-raised input-layer recall 0.869 -> 0.902 but its FPR rose 0.017 -> 0.028, over the 2% budget, so it is
-not the default; `load_default("intent_dense")` falls back to `intent`, with a warning, when the
-embedder package is missing) and `toxicity` (toxic) for model output; `train_default` rebuilds them
-from the corpora in data.py.
+Models ship in models/: `intent_dense` (injection, jailbreak, harmful) for prompts, the pipeline's
+default: the linear model over hashed + dense features averaged with a HashedMLP (see INTENT_DENSE_FIT);
+`intent` (the same labels, hashed features only), which `load_default("intent_dense")` falls back to, with
+a warning, when the embedder package is missing; and `toxicity` (toxic) for model output. `train_default`
+rebuilds them from the corpora in data.py.
 """
 
 from __future__ import annotations
@@ -175,13 +174,38 @@ def _matrix(texts: list[str], dim: int, cache: dict | None = None, dense_alpha: 
                                    check_invariants=False).coalesce()
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+class HashedMLP:
+    """A fastText-style second model (Joulin et al. 2017, "Bag of tricks for efficient text classification")
+    for the ensemble: the hashed features folded to 2^bits buckets and summed into a `width`-wide embedding
+    (weighted by their feature values), concatenated with the pooled static word-piece vectors, one ReLU
+    layer, one logit per label. Averaged with the linear model it raised out-of-fold recall at a fixed FPR
+    (see INTENT_DENSE_FIT); numpy at inference (the whole input layer's p95 is 7.1 ms, safety.json)."""
+
+    KEYS = ("emb", "w1", "b1", "w2", "b2")
+
+    def __init__(self, emb: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray):
+        self.emb = np.asarray(emb, np.float32)  # (2^bits, width)
+        self.w1, self.b1 = np.asarray(w1, np.float32), np.asarray(b1, np.float32)  # (width + 768, hidden)
+        self.w2, self.b2 = np.asarray(w2, np.float32), np.asarray(b2, np.float32)  # (hidden, K)
+        self.mask = len(self.emb) - 1
+
+    def logits(self, idx: np.ndarray, v: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        x = np.concatenate([v @ self.emb[idx & self.mask], dense])
+        return np.maximum(x @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2
+
+
 class TextClassifier:
     """One-vs-rest logistic regression over hashed features (and, when `dense_weight` is set, the pooled
-    static word-piece vectors); `labels[k]` is column k of W."""
+    static word-piece vectors); `labels[k]` is column k of W. With `mlp` set, the probabilities are the
+    mean of the linear model's and the HashedMLP's."""
 
     def __init__(self, labels: list[str], weight: np.ndarray, bias: np.ndarray, dim: int = DIM,
                  threshold: float | None = None, dense_weight: np.ndarray | None = None,
-                 dense_alpha: float = 1.0):
+                 dense_alpha: float = 1.0, mlp: HashedMLP | None = None):
         self.labels = list(labels)
         self.threshold = threshold  # flag when max probability >= this (chosen on validation for FPR <= 2%)
         self.dim = dim
@@ -189,35 +213,45 @@ class TextClassifier:
         self.bias = np.asarray(bias, np.float32)  # (K,)
         self.dense_weight = None if dense_weight is None else np.asarray(dense_weight, np.float32)  # (768, K)
         self.dense_alpha = float(dense_alpha)
+        self.mlp = mlp
 
     @property
     def thresholds(self) -> dict[str, float] | None:
         """Per-label thresholds (the common one for every label), or None without a threshold."""
         return None if self.threshold is None else {k: self.threshold for k in self.labels}
 
-    def logits(self, text: str) -> np.ndarray:
+    @property
+    def dense(self) -> bool:
+        """Whether the model reads the static word-piece vectors (and so needs the embedder package)."""
+        return self.dense_weight is not None or self.mlp is not None
+
+    def proba(self, text: str) -> np.ndarray:
+        """(K,) probabilities of one text."""
         norm, idx, v = _text_features(text, self.dim)
+        d = static_embedding().vector(norm) if self.dense else None
         z = v @ self.weight[idx] + self.bias  # (K,)
         if self.dense_weight is not None:
-            z = z + self.dense_alpha * (static_embedding().vector(norm) @ self.dense_weight)
-        return z
+            z = z + self.dense_alpha * (d @ self.dense_weight)
+        p = _sigmoid(z)
+        return p if self.mlp is None else (p + _sigmoid(self.mlp.logits(idx, v, d))) / 2
 
     def scores(self, text: str) -> dict[str, float]:
-        p = 1.0 / (1.0 + np.exp(-self.logits(text)))
-        return {k: float(x) for k, x in zip(self.labels, p)}
+        return {k: float(x) for k, x in zip(self.labels, self.proba(text))}
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """(N, K) probabilities, one column per label."""
         if not texts:
             return np.zeros((0, len(self.labels)), np.float32)
-        z = np.stack([self.logits(t) for t in texts]).astype(np.float64)
-        return 1.0 / (1.0 + np.exp(-z))
+        return np.stack([self.proba(t) for t in texts])
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if self.dense_weight is None else {"dense_weight": self.dense_weight.astype(np.float16),
                                                       "dense_alpha": np.array(self.dense_alpha)}
+        if self.mlp is not None:
+            extra.update({f"mlp_{k}": getattr(self.mlp, k).astype(np.float16 if k == "emb" else np.float32)
+                          for k in HashedMLP.KEYS})
         np.savez_compressed(path, weight=self.weight.astype(np.float16), bias=self.bias.astype(np.float32),
                             labels=np.array(self.labels), dim=np.array(self.dim, np.int64),
                             threshold=np.array(np.nan if self.threshold is None else self.threshold), **extra)
@@ -228,8 +262,9 @@ class TextClassifier:
             thr = float(z["threshold"]) if "threshold" in z.files else float("nan")
             dw = z["dense_weight"].astype(np.float32) if "dense_weight" in z.files else None
             alpha = float(z["dense_alpha"]) if "dense_alpha" in z.files else 1.0
+            mlp = HashedMLP(*(z[f"mlp_{k}"] for k in HashedMLP.KEYS)) if "mlp_emb" in z.files else None
             return cls([str(x) for x in z["labels"]], z["weight"].astype(np.float32), z["bias"], int(z["dim"]),
-                       None if np.isnan(thr) else thr, dw, alpha)
+                       None if np.isnan(thr) else thr, dw, alpha, mlp)
 
 
 def train(texts: list[str], labels: list[str | list[str]], classes: list[str] | None = None, *,
@@ -273,6 +308,59 @@ def train(texts: list[str], labels: list[str | list[str]], classes: list[str] | 
     return TextClassifier(classes, W.numpy(), b.numpy(), dim)
 
 
+def train_mlp(texts: list[str], labels: list[str | list[str]], classes: list[str], *, dim: int = DIM,
+              bits: int = 16, width: int = 32, hidden: int = 128, epochs: int = 8, lr: float = 3e-3,
+              dropout: float = 0.2, batch: int = 64, seed: int = 0, cache: dict | None = None) -> HashedMLP:
+    """Fit a HashedMLP over the `dim`-bucket features (the dim of the TextClassifier it joins): mini-batch
+    Adam (SparseAdam for the embedding) on the log loss, positives weighted by sqrt(negatives / positives)
+    per label; deterministic for a seed. `cache` is shared with `train` (same keys)."""
+    from torch import nn
+
+    cache = {} if cache is None else cache
+    feats = []
+    for t in texts:
+        if t not in cache:
+            cache[t] = features(t, dim)
+        if ("dense", t) not in cache:
+            cache[("dense", t)] = dense_features(t)
+        feats.append((cache[t][0], cache[t][1], cache[("dense", t)]))
+    sets = [set([y] if isinstance(y, str) else y) for y in labels]
+    Y = torch.tensor([[c in s for c in classes] for s in sets], dtype=torch.float32)
+    pos = Y.sum(0).clamp(min=1)
+    pos_weight = ((len(texts) - pos) / pos).sqrt()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    emb = nn.EmbeddingBag(1 << bits, width, mode="sum", sparse=True)
+    nn.init.normal_(emb.weight, std=0.02)
+    layer1, layer2 = nn.Linear(width + DENSE_DIM, hidden), nn.Linear(hidden, len(classes))
+    drop = nn.Dropout(dropout)
+    opt = torch.optim.Adam([*layer1.parameters(), *layer2.parameters()], lr=lr)
+    opt_emb = torch.optim.SparseAdam(list(emb.parameters()), lr=lr)
+    mask = (1 << bits) - 1
+
+    def forward(rows: list[int]) -> torch.Tensor:
+        f = [feats[j] for j in rows]
+        idx = torch.from_numpy(np.concatenate([x[0] for x in f]) & mask)
+        w = torch.from_numpy(np.concatenate([x[1] for x in f]).astype(np.float32))
+        offsets = torch.tensor(np.cumsum([0] + [len(x[0]) for x in f[:-1]]), dtype=torch.long)
+        x = torch.cat([emb(idx, offsets, per_sample_weights=w), torch.from_numpy(np.stack([x[2] for x in f]))], 1)
+        return layer2(drop(torch.relu(layer1(x))))
+
+    for _ in range(epochs):
+        order = rng.permutation(len(texts))
+        for i in range(0, len(texts), batch):
+            rows = order[i:i + batch].tolist()
+            loss = nn.functional.binary_cross_entropy_with_logits(forward(rows), Y[rows], pos_weight=pos_weight)
+            opt.zero_grad()
+            opt_emb.zero_grad()
+            loss.backward()
+            opt.step()
+            opt_emb.step()
+    with torch.no_grad():
+        return HashedMLP(emb.weight.numpy().copy(), layer1.weight.T.numpy().copy(), layer1.bias.numpy().copy(),
+                         layer2.weight.T.numpy().copy(), layer2.bias.numpy().copy())
+
+
 @lru_cache(maxsize=4)
 def load_default(name: str) -> TextClassifier:
     """A shipped model by name ("intent" or "toxicity"), loaded once per process."""
@@ -280,7 +368,7 @@ def load_default(name: str) -> TextClassifier:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: build the safety models with `opengpt safety train`")
     model = TextClassifier.load(path)
-    if model.dense_weight is not None:
+    if model.dense:
         try:
             static_embedding()
         except DenseUnavailable as e:
@@ -296,15 +384,22 @@ def load_default(name: str) -> TextClassifier:
 # -- rebuilding the shipped models ------------------------------------------------------------------
 INTENT_LABELS = ["injection", "jailbreak", "harmful"]
 INTENT_FIT = {"l2": 3e-6, "steps": 300}  # intent.npz (chosen on the validation slice of TRAIN)
-# intent_dense.npz: hashed + dense features; dense_alpha chosen on 5-fold out-of-fold scores over TRAIN
-# (group folds; validation examples near-duplicate to their fold's fit part dropped) among 0.3, 0.5,
-# 0.7, 1, 2, mean / mean+max / idf-mean+max pooling and 300 / 500 steps (all within ~1.5 points).
-INTENT_DENSE_FIT = {"l2": 3e-6, "steps": 300, "dense": True, "dense_alpha": 0.3}
+# intent_dense.npz (the pipeline's default): the linear model over hashed + dense features averaged with a
+# HashedMLP. Chosen on 5-fold out-of-fold scores over TRAIN (group folds; validation examples
+# near-duplicate to their fold's fit part dropped; recall and FPR on the corpus' own examples, not the
+# training-only ones), at the threshold where rules OR classifier flag 1.25% of benign:
+#   linear, dense_alpha 0.3 / 0.5 / 1.0: recall 0.881 / 0.884 / 0.878 (l2 1e-5 or 500 steps: no better);
+#   HashedMLP alone (2^16 x 32 or 2^18 x 64 buckets): 0.863-0.884 by seed; dense-only MLP: 0.72;
+#   linear (0.5) + HashedMLP 2^16 x 32, averaged: 0.899 (0.919 at 1.75%); with benign_hard.txt's 40
+#   e-mail-address prompts added afterwards (the shipped model): 0.906.
+INTENT_DENSE_FIT = {"l2": 3e-6, "steps": 300, "dense": True, "dense_alpha": 0.5}
+INTENT_MLP_FIT = {"bits": 16, "width": 32, "hidden": 128, "epochs": 8, "lr": 3e-3, "dropout": 0.2}
 INTENT_FOLDS = 5
-# The intent_dense threshold is chosen on the out-of-fold scores of all ~1600 benign TRAIN prompts so
-# that the input layer's rules OR the classifier flag at most this share of them (the rules' own false
-# positives count, as they do in the pipeline); intent.npz keeps its old rule: 1.5% on a 20% slice.
-INTENT_VAL_FPR = 0.0175
+# The intent_dense threshold is chosen on the out-of-fold scores of the ~1600 benign TRAIN prompts so that
+# the input layer's rules OR the classifier flag at most this share of them (the rules' own false positives
+# count, as they do in the pipeline). 1.25%, not 2%: the round before, 1.75% out of fold became 2.8% on
+# held-out. intent.npz (the fallback) keeps its old rule: 1.5% on a 20% slice.
+INTENT_VAL_FPR = 0.0125
 NGRAM_VAL_FPR = 0.015
 # Per-label thresholds (`per_label_thresholds`), checked nested on the out-of-fold scores (chosen on four
 # folds, measured on the fifth): +1 point recall for +0.2 points FPR over the target; not used.
@@ -392,7 +487,7 @@ def train_default(out_dir: str | Path | None = MODELS, seed: int = 0, target_fpr
     scores, INTENT_VAL_FPR for rules OR classifier; intent: one 20% slice, NGRAM_VAL_FPR;
     toxicity: one 20% slice, target_fpr), then the model is refit on all of TRAIN."""
     from .attacks import AttackIndex
-    from .data import ATTACK_LABELS, counts, intent_corpus, toxicity_corpus
+    from .data import ATTACK_LABELS, counts, intent_corpus, toxicity_corpus, train_only
     from .normalize import normalize
     from .rules import match_rules
 
@@ -407,6 +502,7 @@ def train_default(out_dir: str | Path | None = MODELS, seed: int = 0, target_fpr
     # intent.npz (hashed features): threshold on one 20% validation slice, as before.
     fit, val = validation_split(train_set, seed=seed + 1)
     m = train([e.text for e in fit], [e.label for e in fit], INTENT_LABELS, seed=seed, cache=cache, **INTENT_FIT)
+    val = [e for e in val if not train_only(e)]
     p = m.predict_proba([e.text for e in val]).max(axis=1)
     is_attack = np.array([e.label in ATTACK_LABELS for e in val])
     nthr = threshold_for_fpr(p[~is_attack], NGRAM_VAL_FPR)
@@ -424,6 +520,9 @@ def train_default(out_dir: str | Path | None = MODELS, seed: int = 0, target_fpr
     for fit, va in group_folds(train_set, INTENT_FOLDS, seed=seed):
         m = train([e.text for e in fit], [e.label for e in fit], INTENT_LABELS, seed=seed, cache=cache,
                   **INTENT_DENSE_FIT)
+        m.mlp = train_mlp([e.text for e in fit], [e.label for e in fit], INTENT_LABELS, seed=seed, cache=cache,
+                          **INTENT_MLP_FIT)
+        va = [e for e in va if not train_only(e)]
         P.append(m.predict_proba([e.text for e in va]))
         val += va
     P = np.concatenate(P)
@@ -440,6 +539,8 @@ def train_default(out_dir: str | Path | None = MODELS, seed: int = 0, target_fpr
         "classifier_only": {"recall": float((p[is_attack] >= thr).mean()), "fpr": float((p[~is_attack] >= thr).mean())}}}
     model = train([e.text for e in train_set], [e.label for e in train_set], INTENT_LABELS, seed=seed, cache=cache,
                   **INTENT_DENSE_FIT)
+    model.mlp = train_mlp([e.text for e in train_set], [e.label for e in train_set], INTENT_LABELS, seed=seed,
+                          cache=cache, **INTENT_MLP_FIT)
     model.threshold = thr
     model.save(out / "intent_dense.npz")
     metrics["intent_dense"]["threshold"] = thr

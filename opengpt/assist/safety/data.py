@@ -47,12 +47,14 @@ import json
 import random
 import re
 import sys
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from .attacks import MinHasher, _norm, shingles, word_hashes
 
@@ -146,6 +148,52 @@ def load_attacks() -> list[Example]:
 
 
 WRITTEN_INJECTIONS = "opengpt/injection_prompts.txt"  # written for this project (see the file's header)
+WRITTEN_HARD_NEGATIVES = "opengpt/benign_hard.txt"
+# PyRIT's seed files for harmful requests (harm category -> label); the psychosocial, fairness and
+# leakage files are not requests to cause harm and are left out.
+PYRIT_HARMFUL = ("harassment", "harms", "hate", "illegal", "malware", "misinformation", "scams", "sexual", "violence")
+
+
+def _pyrit_values(path: Path) -> list[str]:
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [s["value"] for s in doc.get("seeds") or doc.get("prompts") or []
+            if s.get("data_type", "text") == "text" and s.get("role", "user") == "user" and s.get("value")]
+
+
+def train_only(e: Example) -> bool:
+    """Whether an example comes from `load_train_only` (thresholds are chosen without them: the benign
+    traffic they stand for is the corpus' own)."""
+    return e.source.startswith("pyrit/") or e.source == WRITTEN_HARD_NEGATIVES
+
+
+def load_train_only() -> list[Example]:
+    """Training data that never enters the test split (`intent_corpus`), so the held-out set stays the
+    one measured before it was added: PyRIT's (MIT) data files: AdvBench's 520 behaviours and its AI Red
+    Team seed requests (harmful), the jailbreak templates (jailchat, in-the-wild, Pliny and others: 655
+    wrappers, each filled with an AdvBench behaviour in its `{{ prompt }}` slot) and its system-prompt
+    theft prompt (injection), when PyRIT is installed; and benign_hard.txt (benign hard negatives
+    written for this project after the split was fixed; see its header)."""
+    out = [Example(t, "benign", WRITTEN_HARD_NEGATIVES) for t in _lines(HERE / "benign_hard.txt")]
+    try:
+        root = _pkg_dir("pyrit") / "datasets"
+    except FileNotFoundError as e:
+        warnings.warn(f"training without PyRIT's data (the shipped models had it): {e}", RuntimeWarning, stacklevel=2)
+        return out
+    seeds = root / "seed_datasets" / "local"
+    adv = _pyrit_values(seeds / "adv_bench.prompt")
+    out += [Example(t, "harmful", "pyrit/adv_bench.prompt") for t in adv]
+    for name in PYRIT_HARMFUL:
+        out += [Example(t, "harmful", f"pyrit/airt/{name}.prompt") for t in _pyrit_values(seeds / "airt" / f"{name}.prompt")]
+    out += [Example(t, "injection", "pyrit/psfuzz_steal_system.prompt")
+            for t in _pyrit_values(seeds / "psfuzz_steal_system.prompt")]
+    slot = re.compile(r"\{\{\s*prompt\s*\}\}")
+    for i, f in enumerate(sorted((root / "jailbreak" / "templates").rglob("*.yaml"))):
+        value = yaml.safe_load(f.read_text(encoding="utf-8")).get("value") or ""
+        fill = adv[i % len(adv)]
+        text = slot.sub(lambda _, fill=fill: fill, value).replace("{% raw %}", "").replace("{% endraw %}", "")
+        if "{{" not in text:  # templates with other parameters are left out
+            out.append(Example(text, "jailbreak", f"pyrit/jailbreak/{f.relative_to(root / 'jailbreak' / 'templates')}"))
+    return out
 
 
 def _donotanswer_harmful(file: str, intents: list[str]) -> bool:
@@ -537,7 +585,15 @@ def counts(train: list[Example], test: list[Example]) -> dict:
 def intent_corpus(seed: int = 0, test_frac: float = 0.28) -> tuple[list[Example], list[Example]]:
     """The deduplicated, grouped intent corpus, split by group into (train, test)."""
     examples = assign_groups(dedupe(load_attacks() + load_benign(seed)))
-    return split(examples, test_frac, seed)
+    train, test = split(examples, test_frac, seed)
+    extra = drop_near_duplicates(test, dedupe(load_train_only()))  # nothing close to a test example
+    if not extra:
+        return train, test
+    # regrouped together, so that a train-only text and its near-duplicates share one group (and fold);
+    # the new cluster numbers restart at 0, so the test split's group names are marked apart
+    for e in test:
+        e.group += "@test"
+    return assign_groups(dedupe(train + extra)), test
 
 
 def toxicity_corpus(seed: int = 0, test_frac: float = 0.28) -> tuple[list[Example], list[Example]]:
