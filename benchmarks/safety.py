@@ -239,7 +239,7 @@ def main() -> None:
               # hard negatives), dense_alpha, model and threshold chosen on out-of-fold scores over TRAIN (0.909
               # at FPR 0.025), then the same recipe with 40 more hard negatives that carry e-mail addresses,
               # added because a unit test's "Mail me at ann@example.com please" was blocked as an injection.
-              "held_out_candidates_looked_at": {"this_round": 2, "all_rounds": 4},
+              "held_out_candidates_looked_at": {"this_round": 1, "all_rounds": 5},
               "model_bytes": {p.name: p.stat().st_size for p in sorted((ROOT / "opengpt/assist/safety/models").glob("*.npz"))},
               "detectors": results}
     print(f"held-out: {result['counts']['test']}; classifier threshold {thr:.3f}, index threshold {args.index_threshold}")

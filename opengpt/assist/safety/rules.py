@@ -50,18 +50,23 @@ _SECRETS = (r"(?:conversation|chat(?:\s+history)?|(?:chat\s+|message\s+)?history
             r"details|emails?|messages)|(?:personal|private|sensitive)\s+(?:data|information|details)|everything\s+above|"
             r"(?:this|that|the)\s+(?:information|data))")
 _URL = r"(?:https?://|www\.)"
+# an order passed on to someone else ("my boss told me to ignore the earlier instructions") is not one
+# given to the model; fixed-width lookbehinds, one per pronoun
+_NOT_REPORTED = r"(?<!me to )(?<!us to )(?<!him to )(?<!her to )(?<!them to )"
+# a question about how the user does something ("how do I enable god mode in Windows") is not a command
+_NOT_HOW_TO = r"(?<!how do i )(?<!how can i )(?<!how to )(?<!how do you )"
 
 # (name, category, pattern)
 RULES: list[tuple[str, str, str]] = [
     # -- injection ---------------------------------------------------------------------------------
     ("ignore_previous_instructions", "injection",
-     rf"\b(?:ignore|disregard|forget|override|bypass|discard|skip|abandon|drop)\s+(?:(?:{_ALL}|any|every|each|of|the|"
+     rf"{_NOT_REPORTED}\b(?:ignore|disregard|forget|override|bypass|discard|skip|abandon|drop)\s+(?:(?:{_ALL}|any|every|each|of|the|"
      rf"your|my|these|those|everything|what|that)\s+){{0,3}}{_PREV}\s+{_ORDERS}\b"),
     ("ignore_all_instructions", "injection",
-     rf"\b(?:ignore|disregard|forget|override|bypass)\s+(?:{_ALL}\s+(?:of\s+)?)?(?:your|{_ALL})\s+(?:\w+\s+)?"
+     rf"{_NOT_REPORTED}\b(?:ignore|disregard|forget|override|bypass)\s+(?:{_ALL}\s+(?:of\s+)?)?(?:your|{_ALL})\s+(?:\w+\s+)?"
      rf"(?:instructions|rules|programming|guidelines|guardrails|restrictions|directives|policies)\b"),
     ("ignore_everything_before", "injection",
-     rf"\b(?:ignore|disregard|forget)\s+(?:everything|{_ALL}(?:\s+(?:the\s+)?text)?)\s+(?:you(?:'ve|\s+have)?\s+(?:been\s+)?"
+     rf"{_NOT_REPORTED}\b(?:ignore|disregard|forget)\s+(?:everything|{_ALL}(?:\s+(?:the\s+)?text)?)\s+(?:you(?:'ve|\s+have)?\s+(?:been\s+)?"
      rf"(?:told|taught|instructed|given)|(?:written\s+|said\s+)?above|before\s+this|(?:that\s+)?(?:came|comes)\s+before)\b"),
     ("new_instructions_override", "injection",
      r"\b(?:your\s+)?new\s+(?:instructions|rules|directives)\s+(?:are|follow)\s*:"),
@@ -82,7 +87,10 @@ RULES: list[tuple[str, str, str]] = [
      rf"\b{_YOU_ARE}\s+(?:now\s+)?(?:free|freed|released|liberated|unshackled)\s+from\s+(?:(?:{_ALL}|any|your|the|of)\s+)*"
      rf"(?:\w+\s+)?{_LIMITS}"),
     ("chatml_role_tag", "injection", r"<\|\s*(?:im_start|im_end|system|endoftext|start_header_id|end_header_id|eot_id)\s*\|>"),
-    ("bracket_role_tag", "injection", r"\[\s*/?\s*(?:system|inst|sys|system\s+message|admin)\s*\]|<<\s*/?\s*sys\s*>>"),
+    # a tag being talked about ("what do [INST] tags mean") is not a tag being used
+    ("bracket_role_tag", "injection",
+     r"(?:\[\s*/?\s*(?:system|inst|sys|system\s+message|admin)\s*\]|<<\s*/?\s*sys\s*>>)"
+     r"(?!\s*(?:tags?|tokens?|markers?|delimiters?)\b)"),
     ("markdown_new_instructions", "injection",
      r"(?:^|\n)\s*#{1,6}\s*(?:new|updated|override|system|admin|developer|real|important)\s+"
      r"(?:instructions?|rules|prompt|directives?|task)\b"),
@@ -101,7 +109,7 @@ RULES: list[tuple[str, str, str]] = [
      r"\b(?:with|in|entering|simulate)\s+(?:the\s+)?developer\s+mode\s+(?:enabled|activated)\b|"
      r"\bdeveloper\s+mode\s+(?:output|response)\b|\bdeveloper\s+mode\s+(?:enabled|activated)\s*[.!:]?\s*(?:you|ignore|from\s+now)"),
     ("unrestricted_mode", "jailbreak",
-     r"\b(?:enable|activate|enter|switch\s+to|turn\s+on|unlock)\s+(?:the\s+)?(?:god|jailbreak|jailbroken|unrestricted|"
+     rf"{_NOT_HOW_TO}\b(?:enable|activate|enter|switch\s+to|turn\s+on|unlock)\s+(?:the\s+)?(?:god|jailbreak|jailbroken|unrestricted|"
      r"unfiltered|uncensored|evil|chaos|opposite)\s+mode\b|\b(?:god|jailbreak|unrestricted|unfiltered|uncensored|evil)\s+mode\s+"
      r"(?:is\s+)?(?:now\s+)?(?:enabled|activated|on|engaged)\b"),
     ("jailbroken", "jailbreak",
