@@ -29,7 +29,14 @@ at any p, and the model scores real (heavily reworded) paraphrases far below syn
 the strictest p keeping >= REAL_KEEP (90%) of the real-slice hits; the synthetic slice's figures per p are
 recorded. `--select-only` redoes this choice on an existing file without training. Stored in the file's metadata.
 
+With `--train-files A.jsonl B.jsonl --val-file C.jsonl` the real pairs are every group of A and B, and
+p_min is chosen on all of C: the loosest p whose false hits stay under 1% of hits at a hit rate of at
+least HIT_FLOOR (else the fewest false hits at that rate). Tried once (cache_pairs + blind2 for training,
+blind3 for validation, layers 3-5 tuned, 19k pairs, 673 s on 2 threads): no p reached the target on blind3
+(at p >= 0.5: 15.6% hits with 9 false; accuracy on blind3 0.60), so the shipped file stays the one below.
+
     python benchmarks/train_cross_check.py [--epochs 3] [--seed 0] [--threads 1] [--out PATH]
+        [--train-files FILE ... --val-file FILE] [--protect FILE ...] [--layers 4,5]
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ WORD = re.compile(r"[A-Za-z]+")
 # synthetic validation slice may keep a few "false" hits; the real slice must keep none.
 SYN_FALSE_MAX = 3.0  # (reported; no longer the selection rule, see REAL_KEEP)
 REAL_KEEP = 0.9  # p_min keeps at least this share of the real validation hits
+HIT_FLOOR = 0.30  # with --val-file: the hit rate on true pairs p_min must keep (the issue's target)
 
 
 def read_sources(cache_verify) -> list[tuple[str, str]]:
@@ -315,6 +323,8 @@ def group_rows(groups, offset: int) -> list[tuple]:
 
 
 def main() -> None:
+    from opengpt.assist.cross_check import TUNED_LAYERS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default=str(ROOT / "benchmarks/data/cache_pairs.jsonl"))
     ap.add_argument("--out", default=str(ROOT / "opengpt/assist/cross_check.safetensors"))
@@ -325,24 +335,44 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-sources", type=int, default=0, help="use only this many synthetic sources (0: all)")
+    ap.add_argument("--train-files", nargs="+", default=None, metavar="FILE",
+                    help="train on every group of these pair files (all their pairs) instead of the tune half of --pairs")
+    ap.add_argument("--val-file", default=None, metavar="FILE",
+                    help="with --train-files: the real validation slice (p_min is chosen on all its groups)")
+    ap.add_argument("--protect", nargs="*", default=(), metavar="FILE",
+                    help="pair files to keep out: synthetic sources nearly duplicating one of their texts are dropped")
+    ap.add_argument("--layers", default=",".join(map(str, TUNED_LAYERS)),
+                    help="encoder layers (0-based) to fine-tune, comma-separated; the layers below are frozen")
     ap.add_argument("--select-only", action="store_true", help="do not train: load --out, rebuild the (deterministic) "
                     "validation slices, choose p_min again and rewrite the file's metadata")
     args = ap.parse_args()
+    if (args.train_files is None) != (args.val_file is None):
+        ap.error("--train-files and --val-file go together")
+    tuned = tuple(sorted(int(x) for x in args.layers.split(",")))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
 
     from opengpt.assist import cache_verify as cv
-    from opengpt.assist.cross_check import TUNED_LAYERS, pair_features
+    from opengpt.assist.cross_check import pair_features
     from opengpt.assist.rag import load_embedder
 
-    groups = [json.loads(line) for line in Path(args.pairs).read_text().splitlines() if line.strip()]
-    base = [g for g in groups if not g.get("blind")]
-    tune, held = base[0::2], base[1::2]
-    protected = [t for g in held + [g for g in groups if g.get("blind")] for t in [g["q"], *g["p"], *(n[0] for n in g["n"])]]
-    real_train = group_rows([g for i, g in enumerate(tune) if i % 3 != 2], 0)
-    real_val = group_rows([g for i, g in enumerate(tune) if i % 3 == 2], 10_000)
+    read = lambda f: [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+    texts = lambda gs: [t for g in gs for t in [g["q"], *g["p"], *(n[0] for n in g["n"])]]
+    if args.train_files:
+        train_groups = [g for f in args.train_files for g in read(f)]
+        val_groups = read(args.val_file)
+        real_train, real_val = group_rows(train_groups, 0), group_rows(val_groups, 10_000)
+        protected = texts(val_groups)
+    else:
+        groups = read(args.pairs)
+        base = [g for g in groups if not g.get("blind")]
+        tune, held = base[0::2], base[1::2]
+        protected = texts(held + [g for g in groups if g.get("blind")])
+        real_train = group_rows([g for i, g in enumerate(tune) if i % 3 != 2], 0)
+        real_val = group_rows([g for i, g in enumerate(tune) if i % 3 == 2], 10_000)
+    protected += [t for f in args.protect for t in texts(read(f))]
 
     emb = load_embedder()
     sources = read_sources(cv)
@@ -406,7 +436,7 @@ def main() -> None:
         select(args, emb, cv, tensors, real_val, syn_val, old, t0)
         return
     # -- frozen layers, once --------------------------------------------------------------------
-    top = min(TUNED_LAYERS)
+    top = min(tuned)
     nl = int(emb.config["num_hidden_layers"])
 
     def frozen(rows):
@@ -425,7 +455,7 @@ def main() -> None:
     feats = frozen(train)
     print(f"frozen layers 0-{top - 1}: {time.perf_counter() - t1:.0f} s", flush=True)
 
-    names_t = [k for k in emb._weights if any(k.startswith(f"encoder.layer.{i}.") for i in TUNED_LAYERS)]
+    names_t = [k for k in emb._weights if any(k.startswith(f"encoder.layer.{i}.") for i in tuned)]
     params = {k: torch.nn.Parameter(emb._weights[k].clone()) for k in names_t}
     d = emb.dim
     head = torch.nn.Linear(5 * d, 1)
@@ -478,7 +508,9 @@ def main() -> None:
     tensors["head.weight"] = head.weight.detach().float().contiguous()
     tensors["head.bias"] = head.bias.detach().float().contiguous()
     training = {"seed": args.seed, "epochs": args.epochs, "lr": args.lr, "head_lr": args.head_lr, "batch": args.batch,
-                "tuned_layers": list(TUNED_LAYERS), "threads": args.threads,
+                "tuned_layers": list(tuned), "threads": args.threads,
+                "real_data": {"train": args.train_files, "val": args.val_file} if args.train_files else
+                             f"tune half of {args.pairs}",
                 "train_pairs": len(train), "real_train_pairs": len(real_train),
                 "synthetic_train_pairs": len(syn_train), "synthetic_val_pairs": len(syn_val), "real_val_pairs": len(real_val),
                 "sources": len(sources), "source_kinds": {k: sum(1 for s in sources if s[0] == k) for k in ("benign", "humaneval", "worked")},
@@ -504,7 +536,8 @@ def select(args, emb, cv, tensors, real_val, syn_val, training, t0) -> None:
     y = np.array([r[2] for r in val])
     real = np.array([r[4].startswith("real") for r in val])
     served = (cos >= 0.80) & rules
-    grid, table = [0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.03] + [round(0.05 * i, 2) for i in range(1, 20)], {}
+    grid = [0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.03] + [round(0.05 * i, 2) for i in range(1, 20)] + [0.97, 0.98, 0.99]
+    table = {}
     for th in grid:
         acc = served & (p >= th)
         r_hit, r_false = int((acc & real & (y == 1)).sum()), int((acc & real & (y == 0)).sum())
@@ -516,16 +549,28 @@ def select(args, emb, cv, tensors, real_val, syn_val, training, t0) -> None:
     # model scores real (heavy) paraphrases far lower than the synthetic ones: keep >= REAL_KEEP of the
     # real-slice hits the cache makes without the cross-check, and take the strictest such p.
     base_hits = int((served & real & (y == 1)).sum())
-    keep = [th for th in grid if table[th]["real_false"] == 0
-            and (served & real & (y == 1) & (p >= th)).sum() >= REAL_KEEP * base_hits]
-    p_min = max(keep) if keep else min(grid)
+    if args.train_files:
+        # a whole written pair set as the real slice: the loosest p whose false hits stay under 1% of its hits
+        # at a hit rate >= HIT_FLOOR (the issue's target); failing that, the fewest false hits at that rate
+        pct = lambda th: 100 * table[th]["real_false"] / max(1, table[th]["real_false"] + round(
+            table[th]["real_hit_rate"] * int((real & (y == 1)).sum())))
+        rate_ok = [th for th in grid if table[th]["real_hit_rate"] >= HIT_FLOOR]
+        ok = [th for th in rate_ok if pct(th) < 1.0]
+        p_min = min(ok) if ok else min(rate_ok or grid, key=lambda th: (pct(th), -table[th]["real_hit_rate"]))
+        rule = (f"the loosest p on the grid whose real-val false hits are < 1% of its hits at a real-val hit rate >= "
+                f"{HIT_FLOOR:.0%} (else the fewest false hits at that rate)")
+    else:
+        keep = [th for th in grid if table[th]["real_false"] == 0
+                and (served & real & (y == 1) & (p >= th)).sum() >= REAL_KEEP * base_hits]
+        p_min = max(keep) if keep else min(grid)
+        rule = (f"the strictest p on the grid keeping >= {REAL_KEEP:.0%} of the real-val hits the cache makes without "
+                "the cross-check (pairs at cosine >= 0.80 passing the rules), with no real-val false hit")
     # accuracy of the cross-encoder alone on the validation slices (no cosine / rules gate)
     acc_alone = {"real": float(((p >= 0.5) == (y == 1))[real].mean()), "synthetic": float(((p >= 0.5) == (y == 1))[~real].mean())}
     for th in grid:
         print(f"p>={th:.2f}: {table[th]}")
     training = {**training, "val_accuracy_at_0.5": acc_alone, "real_val_hits_without_cross_check": base_hits,
-                "p_min_chosen": f"the strictest p on the grid keeping >= {REAL_KEEP:.0%} of the real-val hits the cache "
-                "makes without the cross-check (pairs at cosine >= 0.80 passing the rules), with no real-val false hit",
+                "p_min_chosen": rule,
                 "val_by_p": {str(k): v for k, v in table.items()}}
     meta = {"p_min": str(p_min), "base": "sentence-transformers/all-MiniLM-L6-v2", "training": json.dumps(training)}
     save_file(tensors, args.out, metadata=meta)

@@ -2,8 +2,9 @@
 question may not answer another (a reason of `opengpt.assist.cache.REASONS`), or None.
 
 Two questions at cosine ~0.9 are often different questions: a negation, a swapped antonym, another
-number, name or unit, swapped roles around "to" / "from" / "than", another question frame, one word
-replaced by a related one, or a specific word added on one side only. Every rule errs towards
+number, name, unit or half of the day, swapped roles around "to" / "from" / "than" or two words trading
+places around the same words, another question frame, one word replaced by a related one, or a specific
+word or a trailing condition ("... with a baby") added on one side only. Every rule errs towards
 rejecting: a rejected candidate costs a model call, a wrong hit a wrong answer.
 """
 
@@ -43,7 +44,8 @@ _ANTONYMS = [
     ("open opening", "close closing"), ("import importing", "export exporting"),
     ("upload uploading", "download downloading"), ("encrypt encrypting encryption", "decrypt decrypting decryption"),
     ("encode encoding", "decode decoding"), ("compress compressing compression", "decompress decompressing decompression"),
-    ("push", "pull"), ("buy buying", "sell selling"), ("hot hottest hotter", "cold coldest colder"),
+    ("push", "pull"), ("up", "down"), ("rise rises rising", "fall falls falling"), ("buy buying", "sell selling"),
+    ("hot hottest hotter", "cold coldest colder"),
     ("long longer longest", "short shorter shortest"), ("heavy heavier heaviest", "light lighter lightest"),
     ("north northern", "south southern"), ("east eastern", "west western"), ("left", "right"),
     ("input inputs", "output outputs"), ("win wins winning", "lose loses losing"), ("inside indoors indoor", "outside outdoors outdoor"),
@@ -101,10 +103,12 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.,])-?\d+
 _QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”|`([^`]+)`|(?<!\w)'([^']+)'(?!\w)")
 _CODE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?|\w*_\w+(?:\(\))?|(?<!\w)[a-z]+[A-Z]\w*|\w+\(\)")
 _CAP = re.compile(r"(?<![\w.])[A-Z][\w+#]*")
+_CLOCK = re.compile(r"\b(\d{1,2}(?::\d\d)?)\s*([ap])\.?m\b\.?")
 
 
 # Phrases read as the word they mean before any rule looks at the words.
-_PHRASES = [(re.compile(r"\binto (?:one|a single)\b"), "join into"), (re.compile(r"\s*(?:→|->)\s*"), " to ")]
+_PHRASES = [(re.compile(r"\binto (?:one|a single)\b"), "join into"), (re.compile(r"\s*(?:→|->)\s*"), " to "),
+            (re.compile(r"\ball but\b"), "except")]
 
 
 def _words(text: str) -> list[str]:
@@ -138,6 +142,8 @@ def numbers(text: str) -> Counter:
         if w in NUMBER_WORDS:
             out[format(Decimal(NUMBER_WORDS[w]).normalize(), "f")] += 1
     out.pop("1", None)  # "a pound" / "one pound" / "1 lb": "one" is no number word, so 1 says nothing
+    for hour, half in _CLOCK.findall(text.lower()):  # 3pm is not 3am: the half of the day is part of the value
+        out[hour + half] += 1
     return out
 
 
@@ -344,6 +350,33 @@ def swapped(wn: list[str], wc: list[str]) -> tuple[str, str] | None:
     return None
 
 
+_THIN = frozenset("a an the my your our their his her its some".split())  # skipped between the swapped words
+_SYMMETRIC = frozenset("and or vs versus nor".split())  # "X and Y" is "Y and X"
+
+
+def role_swap(wn: list[str], wc: list[str]) -> tuple[str, str] | None:
+    """Two content words both questions share that trade places around the same words: "A <mid> B" in one,
+    "B <mid> A" in the other ("tablespoons in a cup" / "cups in a tablespoon", "replace butter with oil" /
+    "replace oil with butter", "rebase my branch onto main" / "rebase main onto my branch"). A rewording
+    moves words past each other with other words between ("tap water safe to drink" / "safe to drink tap
+    water"); a symmetric "and" / "or" between them changes nothing."""
+    key = lambda w: w[:-1] if w.endswith("s") and not w.endswith("ss") else w  # "ounces" / "ounce" (_stem: "ounc")
+    sn, sc = [key(w) for w in wn], [key(w) for w in wc]
+    keep = lambda w: w not in STOPWORDS and w not in NEGATION and not w[0].isdigit() and w not in FILLER
+    in_c = {x for x, w in zip(sc, wc) if keep(w)}
+    shared = [x for x in dict.fromkeys(x for x, w in zip(sn, wn) if keep(w)) if x in in_c]
+    for i, x in enumerate(shared):
+        for y in shared[i + 1:]:
+            a, b, c, d = sn.index(x), sn.index(y), sc.index(x), sc.index(y)
+            if (a - b) * (c - d) >= 0:
+                continue
+            (a, b), (c, d) = sorted((a, b)), sorted((c, d))
+            mid = [w for w in wn[a + 1:b] if w not in _THIN]
+            if mid and mid == [w for w in wc[c + 1:d] if w not in _THIN] and not set(mid) & _SYMMETRIC:
+                return x, y
+    return None
+
+
 GENERIC_ZIPF = 5.0  # a word this frequent (Zipf scale, wordfreq) may be added on one side only; tuned on the tune half
 
 
@@ -362,17 +395,30 @@ def specific(word: str) -> bool:
     return z is None or z(word) < GENERIC_ZIPF
 
 
+CLAUSE_OPENERS = frozenset("with for if after as in on without while when during at by before under".split())
+
+
 def added(wn: list[str], wc: list[str]) -> str | None:
-    """A specific content word in one question with no counterpart in the other, where the other has no
-    word left over at all (a rewording changes words on both sides): "sort a dict by value" / "... in descending order", "a stain" / "a red wine stain"."""
+    """A content word in one question with no counterpart in the other, where the other has no word left
+    over at all (a rewording changes words on both sides), and the word is specific ("sort a dict by value"
+    / "... in descending order", "a stain" / "a red wine stain") or sits in a clause of its own that a
+    preposition or conjunction opens, however common its words ("... with a baby", "... for my whole
+    team", "... if I'm married to one")."""
     un, uc = unaligned(wn, wc)
     inv = {_stem(w): w for w in reversed(wn + wc)}
-    sn = {w for w in un if specific(inv.get(w, w))}
-    sc = {w for w in uc if specific(inv.get(w, w))}
-    if sn and not uc:
-        return min(sn)
-    if sc and not un:
-        return min(sc)
+    for extra, other, words in ((un, uc, wn), (uc, un, wc)):
+        if not extra or other:
+            continue
+        if any(specific(inv.get(w, w)) for w in extra):
+            return min(w for w in extra if specific(inv.get(w, w)))
+        # a trailing clause: opened after the last word the two questions share ("in what year was it
+        # invented" adds "year" inside the question, not a condition after it)
+        content = set(_content(words))
+        first = min(i for i, w in enumerate(words) if _stem(w) in extra)
+        shared_last = max((i for i, w in enumerate(words) if _stem(w) in content - extra and w not in STOPWORDS),
+                          default=-1)
+        if any(words[j] in CLAUSE_OPENERS for j in range(max(shared_last + 1, first - 3), first + 1)):
+            return min(extra)
     return None
 
 
@@ -416,7 +462,7 @@ def mismatch(new: str, cached: str) -> str | None:
     if un_ and uc_ and un_ != uc_:
         return "entity"
     pn, pc = _directed_pairs(_between(wn, wc)), _directed_pairs(_between(wc, wn))
-    if any((m, b, a) in pc and (m, a, b) not in pc for m, a, b in pn):
+    if any((m, b, a) in pc and (m, a, b) not in pc for m, a, b in pn) or role_swap(wn, wc):
         return "order"
     tn, tc = question_type(new), question_type(cached)
     # "who invented" / "when was it invented": the same words asking for another kind of answer.

@@ -358,6 +358,16 @@ def test_redis_cache_without_the_package_says_what_to_install(monkeypatch):
      "negation"),
     ("Cheapest train Lyon → Milan?", "What's the cheapest train from Milan to Lyon?", "order"),
     ("How much should I water a young olive tree?", "How often should I water a young olive tree?", "question_type"),
+    # two shared words trade places around the same words; "3pm" is not "3am"; "all but" excepts; a
+    # constraint clause of common words added on one side only
+    ("How many grams are in an ounce?", "How many ounces are in a gram?", "order"),
+    ("Can I swap honey for sugar in bread?", "Can I swap sugar for honey in bread?", "order"),
+    ("The meeting is at 9am in Berlin; what time is that in Tokyo?",
+     "The meeting is at 9pm in Berlin; what time is that in Tokyo?", "number"),
+    ("How do I delete all rows of a table?", "How do I delete all but the first rows of a table?", "negation"),
+    ("What happens to the yield when bond prices go up?", "What happens to the yield when bond prices go down?",
+     "antonym"),
+    ("What should I bring to a job interview?", "What should I bring to a job interview with my kids?", "unaligned"),
 ])
 def test_new_rules_reject(cached, new, reason):
     assert mismatch(new, cached) == reason
@@ -373,6 +383,9 @@ def test_new_rules_reject(cached, new, reason):
     ("What makes the sky blue?", "Why does the sky look really blue?"),  # generic added words float
     ("Cheapest train Lyon -> Milan?", "What's the cheapest train from Lyon to Milan?"),  # arrow = to
     ("How often should I water a cactus?", "How many times a week should I water a cactus?"),  # both frequency
+    ("What should I pack for a week in Lisbon?", "What should I pack for one week in Lisbon?"),  # no clause added
+    ("What's the difference between tea and coffee caffeine?", "What's the difference between coffee and tea caffeine?"),  # and is symmetric
+    ("When was the radio invented?", "In what year was the radio invented?"),  # adjacent words, no swap
 ])
 def test_new_rules_keep_paraphrases(a, b):
     assert mismatch(a, b) is None and mismatch(b, a) is None, (mismatch(a, b), mismatch(b, a))
