@@ -109,6 +109,9 @@ ANSWER = ("Here is a summary of the quarterly results and what they mean for the
           "again. The history section covers the Second World War, from 1939 to 1945. ")
 
 
+WHOLE_ANSWER_RUNS = 100  # per pipeline; with 30 the p95 rested on the 2nd-slowest run and moved 42-67 ms between runs
+
+
 def pipeline_latency(test: list, repeats: int = 1) -> dict:
     from opengpt.assist.safety.pipeline import Pipeline
 
@@ -141,15 +144,18 @@ def pipeline_latency(test: list, repeats: int = 1) -> dict:
         assert v.action != "block", v.to_dict()
         return time.perf_counter() - t
 
+    for _ in range(5):  # warm-up, discarded: the first answers through a fresh pipeline run slower
+        whole_answer(pipe), whole_answer(ensemble_monitor)
     whole, whole_ensemble = [], []
-    for _ in range(30):
+    for _ in range(WHOLE_ANSWER_RUNS):
         whole.append(whole_answer(pipe))
         whole_ensemble.append(whole_answer(ensemble_monitor))
     return {"check_input_ms_p50": 1e3 * percentile(lat, 50), "check_input_ms_p95": 1e3 * percentile(lat, 95),
             "whole_answer_512_words_ms_p50": 1e3 * percentile(whole, 50),
             "whole_answer_512_words_ms_p95": 1e3 * percentile(whole, 95), "answer_chars": len(answer),
             "whole_answer_ensemble_monitor_ms_p50": 1e3 * percentile(whole_ensemble, 50),
-            "whole_answer_ensemble_monitor_ms_p95": 1e3 * percentile(whole_ensemble, 95)}
+            "whole_answer_ensemble_monitor_ms_p95": 1e3 * percentile(whole_ensemble, 95),
+            "whole_answer_runs": WHOLE_ANSWER_RUNS, "whole_answer_warmup_runs": 5}
 
 
 def main() -> None:
@@ -239,7 +245,7 @@ def main() -> None:
               # hard negatives), dense_alpha, model and threshold chosen on out-of-fold scores over TRAIN (0.909
               # at FPR 0.025), then the same recipe with 40 more hard negatives that carry e-mail addresses,
               # added because a unit test's "Mail me at ann@example.com please" was blocked as an injection.
-              "held_out_candidates_looked_at": {"this_round": 1, "all_rounds": 5},
+              "held_out_candidates_looked_at": {"this_round": 2, "all_rounds": 6},
               "model_bytes": {p.name: p.stat().st_size for p in sorted((ROOT / "opengpt/assist/safety/models").glob("*.npz"))},
               "detectors": results}
     print(f"held-out: {result['counts']['test']}; classifier threshold {thr:.3f}, index threshold {args.index_threshold}")

@@ -135,7 +135,7 @@ class Pipeline:
     def answer_intent(self):
         """The monitor's harmful-instructions model: the n-gram intent.npz. It scores a window every 128
         characters of every answer; the input layer's ensemble (one call per request) there made the whole
-        pipeline on a 512-word answer 43 ms instead of 33 at the median, 73 instead of 51 at p95
+        pipeline on a 512-word answer 51 ms instead of 41 at the median, 74 instead of 56 at p95
         (benchmarks/safety.py, interleaved in one run: safety.json's pipeline_latency)."""
         from .classifier import load_default
 
