@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import conditions, percentile, write_json
+from common import conditions, group_texts, percentile, read_pair_groups, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
@@ -208,11 +208,8 @@ def main() -> None:
 
     from opengpt.assist import cache_verify as cv
 
-    read = lambda p: [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
-    groups = read(args.pairs)
-    if args.blind:
-        groups = read(args.blind)
-    texts = sorted({t for g in groups for t in [g["q"], *g["p"], *(n[0] for n in g["n"])]})
+    groups = read_pair_groups(args.blind or args.pairs)
+    texts = sorted(set(group_texts(groups)))
     minilm = load_embedder()
     minilm.embed(["warm up"])
     t = time.perf_counter()

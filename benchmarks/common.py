@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: run conditions, timing, one generation's speed, JSON output.
+"""Helpers shared by the benchmark scripts: run conditions, timing, one generation's speed, JSON output,
+the cache pair files.
 
 Every script measures side by side in one process (bandwidth on these VMs drifts ±20% between runs,
 more while other work shares the CPU), so each result records the conditions it was taken under:
@@ -99,3 +100,13 @@ def write_json(result: dict, path: str | Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def read_pair_groups(path: str | Path) -> list[dict]:
+    """The groups of a cache pair file (benchmarks/data/cache_pairs*.jsonl), one JSON object per line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def group_texts(groups: list[dict]) -> list[str]:
+    """Every question of the groups: q, its paraphrases p and its near misses n, in file order."""
+    return [t for g in groups for t in [g["q"], *g["p"], *(n[0] for n in g["n"])]]

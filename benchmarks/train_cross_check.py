@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import group_texts, read_pair_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -358,21 +359,19 @@ def main() -> None:
     from opengpt.assist.cross_check import pair_features
     from opengpt.assist.rag import load_embedder
 
-    read = lambda f: [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
-    texts = lambda gs: [t for g in gs for t in [g["q"], *g["p"], *(n[0] for n in g["n"])]]
     if args.train_files:
-        train_groups = [g for f in args.train_files for g in read(f)]
-        val_groups = read(args.val_file)
+        train_groups = [g for f in args.train_files for g in read_pair_groups(f)]
+        val_groups = read_pair_groups(args.val_file)
         real_train, real_val = group_rows(train_groups, 0), group_rows(val_groups, 10_000)
-        protected = texts(val_groups)
+        protected = group_texts(val_groups)
     else:
-        groups = read(args.pairs)
+        groups = read_pair_groups(args.pairs)
         base = [g for g in groups if not g.get("blind")]
         tune, held = base[0::2], base[1::2]
-        protected = texts(held + [g for g in groups if g.get("blind")])
+        protected = group_texts(held + [g for g in groups if g.get("blind")])
         real_train = group_rows([g for i, g in enumerate(tune) if i % 3 != 2], 0)
         real_val = group_rows([g for i, g in enumerate(tune) if i % 3 == 2], 10_000)
-    protected += [t for f in args.protect for t in texts(read(f))]
+    protected += [t for f in args.protect for t in group_texts(read_pair_groups(f))]
 
     emb = load_embedder()
     sources = read_sources(cv)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
@@ -146,23 +147,23 @@ def dense_features(text: str, max_chars: int = 6000) -> np.ndarray:
     return static_embedding().vector(normalized(text, max_chars))
 
 
+def _cached(cache: dict | None, key, make: Callable, *args):
+    """cache[key], made by `make(*args)` on a miss; `make(*args)` every time without a cache."""
+    if cache is None:
+        return make(*args)
+    if key not in cache:
+        cache[key] = make(*args)
+    return cache[key]
+
+
 def _matrix(texts: list[str], dim: int, cache: dict | None = None, dense_alpha: float | None = None) -> torch.Tensor:
     """(N, dim [+ 768]) CSR of the texts' features (the dense block, scaled by dense_alpha, in the last
     768 columns when dense_alpha is set); `cache` (key -> features) spares refits re-featurizing."""
     rows, cols, vals = [], [], []
     for i, t in enumerate(texts):
-        f = cache.get(t) if cache is not None else None
-        if f is None:
-            f = features(t, dim)
-            if cache is not None:
-                cache[t] = f
-        idx, v = f
+        idx, v = _cached(cache, t, features, t, dim)
         if dense_alpha is not None:
-            d = cache.get(("dense", t)) if cache is not None else None
-            if d is None:
-                d = dense_features(t)
-                if cache is not None:
-                    cache[("dense", t)] = d
+            d = _cached(cache, ("dense", t), dense_features, t)
             idx = np.concatenate([idx, dim + np.arange(DENSE_DIM)])
             v = np.concatenate([v, dense_alpha * d]).astype(np.float32)
         rows.append(np.full(len(idx), i, np.int64))
@@ -316,14 +317,8 @@ def train_mlp(texts: list[str], labels: list[str | list[str]], classes: list[str
     per label; deterministic for a seed. `cache` is shared with `train` (same keys)."""
     from torch import nn
 
-    cache = {} if cache is None else cache
-    feats = []
-    for t in texts:
-        if t not in cache:
-            cache[t] = features(t, dim)
-        if ("dense", t) not in cache:
-            cache[("dense", t)] = dense_features(t)
-        feats.append((cache[t][0], cache[t][1], cache[("dense", t)]))
+    feats = [(*_cached(cache, t, features, t, dim), _cached(cache, ("dense", t), dense_features, t))
+             for t in texts]
     sets = [set([y] if isinstance(y, str) else y) for y in labels]
     Y = torch.tensor([[c in s for c in classes] for s in sets], dtype=torch.float32)
     pos = Y.sum(0).clamp(min=1)
