@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 MAX_WS = 16  # whitespace characters in one gap between tokens of the JSON
-MAX_DIGITS = 18  # digits of an integer part or a fraction
+MAX_DIGITS = 20  # digits of an integer part or a fraction: int64 has 19, a float's repr up to 20 (0.000 + 17)
 MAX_EXP_DIGITS = 3
 WS = " \t\n\r"
 DIGITS = "0123456789"

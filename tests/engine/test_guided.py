@@ -103,6 +103,14 @@ def test_automaton_agrees_with_jsonschema(name):
     check()
 
 
+def test_every_float_repr_and_int64_is_a_number():
+    # Python writes floats under 1e-4 with 3 zeros and up to 17 significant digits: 20 after the point
+    schema = {"type": "array", "items": {"type": "number"}}
+    for value in (0.00032053913462827386, -0.00012345678901234567, 2**63 - 1, -(2**63), 1.7976931348623157e308):
+        assert accepts(schema, json.dumps([value])), value
+    assert not accepts(schema, "[0." + "1" * 21 + "]") and not accepts(schema, "[" + "1" * 21 + "]")
+
+
 def test_automaton_rejects_what_is_not_json():
     schema = SCHEMAS["weather"]
     for text in ['{"city": "Paris", "unit": "kelvin"}', '{"city": "Paris"}', '{"city": "P\naris", "unit": "celsius"}',
