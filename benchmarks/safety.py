@@ -26,11 +26,13 @@ prompt, monitor pushes in 4-character chunks, finish (target p95 < 60 ms); inter
 with the input layer's ensemble as the monitor's model (what keeping the n-gram model there saves).
 
     python benchmarks/safety.py [--threads 1]
+    python benchmarks/safety.py --benign benchmarks/data/benign_blind1.txt   # FPR on fresh benign prompts
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -165,10 +167,17 @@ def main() -> None:
     ap.add_argument("--index-threshold", type=float, default=0.6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/safety.json"))
+    ap.add_argument("--benign", default=None, metavar="FILE",
+                    help="only count how many prompts of FILE (benign prompts, one per line, written after the "
+                         "models were trained) the input layer blocks and by which check, with the default and "
+                         "the n-gram models; written in --out under 'benign_' + the file name's last part")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cond = conditions()
     sys.path.insert(0, str(ROOT))
+    if args.benign:
+        fresh_benign(args, cond)
+        return
     from opengpt.assist.safety.attacks import AttackIndex
     from opengpt.assist.safety.classifier import load_default
     from opengpt.assist.safety.data import ATTACK_LABELS, counts, intent_corpus
@@ -273,7 +282,41 @@ def main() -> None:
     for src, d in toxm["by_source_flag_rate"].items():
         print(f"  {src:70} {d['label']:6} n={d['n']:4} flagged {d['rate']:.3f}")
     print("toxicity false positives:", toxm["false_positives"][:15])
+    old = Path(args.out)
+    if old.is_file():  # keep what --benign recorded
+        prev = json.loads(old.read_text())
+        result.update({k: v for k, v in prev.items() if k.startswith("benign_")})
     write_json(result, args.out)
+
+
+def fresh_benign(args, cond) -> None:
+    """The input layer's false positives on a file of benign prompts it was never trained or tuned on."""
+    from opengpt.assist.safety.classifier import load_default
+    from opengpt.assist.safety.pipeline import Pipeline
+
+    path = Path(args.benign).resolve()
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    pipe, ngram_pipe = Pipeline().warm(), Pipeline().warm()
+    ngram_pipe.intent = load_default("intent")
+    figures = {}
+    for name, p in (("pipeline", pipe), ("pipeline_ngram", ngram_pipe)):
+        blocked = [(t, p.check_input(t).blocking) for t in prompts]
+        blocked = [(t, d) for t, d in blocked if d is not None]
+        by_check: dict[str, int] = {}
+        for _, d in blocked:
+            by_check[d.check] = by_check.get(d.check, 0) + 1
+        figures[name] = {"prompts": len(prompts), "blocked": len(blocked), "fpr": len(blocked) / max(1, len(prompts)),
+                         "blocked_by_check": by_check,
+                         "blocked_prompts": [{"text": t[:160], "check": d.check, "reason": d.reason} for t, d in blocked]}
+        print(f"{name}: {len(blocked)} of {len(prompts)} benign prompts blocked (FPR {figures[name]['fpr']:.4f}); "
+              f"by check {by_check}")
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    key = "benign_" + path.stem.rsplit("_", 1)[-1]
+    result[key] = {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else args.benign,
+                   "conditions": cond, "note": "evaluated once with the shipped models and policy; nothing tuned on it",
+                   "figures": figures}
+    write_json(result, out)
 
 
 if __name__ == "__main__":
