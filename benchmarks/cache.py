@@ -116,7 +116,10 @@ def fit_logistic(X, y, lam: float = 1.0):
     return {"mean": mu.tolist(), "scale": sd.tolist(), "coef": w[:-1].tolist(), "intercept": float(w[-1])}
 
 
-FIT_FILES = ("cache_pairs", "cache_pairs_blind2", "cache_pairs_blind3", "cache_pairs_blind4")  # every group
+# The pair files `--fit` trains on, every group. blind5 (spent as a test, its figures under "blind5") is
+# left out: with its free paraphrases in the pool no p on the grid keeps FIT_HIT_FLOOR and the fit falls
+# to the loosest (0.5), and the shipped model stays the one blind5 measured.
+FIT_FILES = ("cache_pairs", "cache_pairs_blind2", "cache_pairs_blind3", "cache_pairs_blind4")
 
 
 def tune_rows(groups):
@@ -413,7 +416,7 @@ def blind_file(args, Cache, emb, groups, cond) -> None:
                         "cross_check_p_min": cc.p_min if cc is not None else None,
                         "note": "evaluated once at the thresholds chosen on the tune half; nothing tuned on it",
                         "figures": figures}
-    write_json(result, out)
+    write_json(result, out, conditions=cond)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,10 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def write_json(result: dict, path: str | Path) -> None:
-    """Write a result with the load average at its end (the start is in `conditions()`)."""
-    result.setdefault("conditions", {})["load_average_1min_at_end"] = os.getloadavg()[0]
+def write_json(result: dict, path: str | Path, conditions: dict | None = None) -> None:
+    """Write a result with the load average at its end (the start is in `conditions()`), stamped into
+    `conditions` (default: the result's own; a run that adds one entry to an older file stamps its entry's)."""
+    (result.setdefault("conditions", {}) if conditions is None else conditions)["load_average_1min_at_end"] = os.getloadavg()[0]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -316,7 +316,7 @@ def fresh_benign(args, cond) -> None:
     result[key] = {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else args.benign,
                    "conditions": cond, "note": "evaluated once with the shipped models and policy; nothing tuned on it",
                    "figures": figures}
-    write_json(result, out)
+    write_json(result, out, conditions=cond)
 
 
 if __name__ == "__main__":

@@ -117,12 +117,21 @@ _CLOCK = re.compile(r"\b(\d{1,2}(?::\d\d)?)\s*([ap])\.?m\b\.?")
 _PHRASES = [(re.compile(r"\binto (?:one|a single)\b"), "join into"), (re.compile(r"\s*(?:→|->)\s*"), " to "),
             (re.compile(r"\ball but\b"), "except"),
             # "stop / keep / prevent X from doing" is "not doing"
-            (re.compile(r"\b(?:stop|keep|prevent)(?:s|ping|ped|ing)?\b(?=(?:\s+[\w']+){0,4}\s+from\s+\w+ing\b)"), "not"),
+            (re.compile(r"\b(?:stop|keep|prevent|block|ban)(?:s|ping|ped|ing|ed|ned|ning)?\b"
+                        r"(?=(?:\s+[\w']+){0,4}\s+from\s+\w+ing\b)"), "not"),
             (re.compile(r"\b(?!(?:feel|set|break|for|is|are|be|a|the|and|or|totally|completely)\b)([a-z]+)[- ]free\b"),
              r"without \1")]
 
 
-_USA = re.compile(r"(?<![\w.])U\.?S\.?(?:A\.?)?(?![\w.])")  # "the US" is a country, not "us"
+# The country is one name: "US", "U.S.", "USA", "the United States", "American(s)" (not North / South /
+# Latin / Central America); "us" in lower case stays the pronoun.
+_USA = re.compile(r"(?<![\w.])U\.?S\.?(?:A\.?)?(?![\w.])")
+_USA_WORDS = re.compile(r"\bunited states\b|\b(?<!north )(?<!south )(?<!latin )(?<!central )america(?:ns?)?\b",
+                        re.IGNORECASE)
+
+
+def _country(text: str) -> str:
+    return _USA_WORDS.sub("USA", _USA.sub("USA", text))
 
 
 def _words(text: str) -> list[str]:
@@ -131,7 +140,7 @@ def _words(text: str) -> list[str]:
 
 @functools.lru_cache(maxsize=16384)  # every rule reads the words of the same two questions
 def _word_tuple(text: str) -> tuple[str, ...]:
-    low = _USA.sub("USA", text).lower().replace("’", "'")
+    low = _country(text).lower().replace("’", "'")
     for rx, sub in _PHRASES:
         low = rx.sub(sub, low)
     return tuple(_WORD.findall(low))
@@ -173,7 +182,7 @@ def numbers(text: str) -> Counter:
 def entities(text: str) -> set[str]:
     """Names (capitalised, not at a sentence start unless all-caps or mixed-case), quoted strings and code
     identifiers, lower-cased."""
-    text = _USA.sub("USA", text)
+    text = _country(text)
     found = {next(g for g in m if g).lower() for m in _QUOTED.findall(text)}
     found |= {m.lower().rstrip("()") for m in _CODE.findall(text) if not re.fullmatch(r"(\w\.)+\w?", m)}
     for m in _CAP.finditer(text):
@@ -200,7 +209,7 @@ def units(text: str) -> set[str]:
 def bound_units(text: str) -> dict[str, set[str]]:
     """The unit each number is stated in: a unit word within the two words after it, or a currency sign
     before it ("5 kilometers" -> {"5": {"km"}}, "$100" -> {"100": {"usd"}})."""
-    low = _USA.sub("USA", text).lower()
+    low = _country(text).lower()
     out: dict[str, set[str]] = {}
     for m in _NUMBER.finditer(low):
         try:
@@ -544,7 +553,7 @@ def _between(words: list[str], other: list[str]) -> list[str]:
 
 def _name_in(name: str, low: str, words: list[str]) -> bool:
     parts = _words(name)
-    if " " + " ".join(parts) + " " in low:
+    if " " + " ".join(parts) + " " in low or parts == ["usa"] and " us " in low:  # "a us citizen"
         return True
     return len(parts) == 1 and len(parts[0]) >= 5 and any(_same_word(parts[0], w) for w in words)
 

@@ -388,6 +388,9 @@ def test_redis_cache_without_the_package_says_what_to_install(monkeypatch):
     ("How do I make Word autocorrect my spelling?", "How do I stop Word from autocorrecting my spelling?", "negation"),
     # opposite roles, under / over, built / fell; a definition is not a place; a trailing clause after
     # a word the other question says in another form ("drive" / "driving")
+    ("How do I let apps use my location on Android?", "How do I block apps from using my location on Android?",
+     "negation"),
+    ("Is tipping expected in the US?", "Is tipping expected in South America?", "entity"),  # not the US
     ("Can a landlord end a lease early?", "Can a tenant end a lease early?", "antonym"),
     ("Is ibuprofen safe for children under 12?", "Is ibuprofen safe for children over 12?", "antonym"),
     ("In what year were the Twin Towers built?", "In what year did the Twin Towers fall?", "antonym"),
@@ -418,7 +421,9 @@ def test_new_rules_reject(cached, new, reason):
     ("gluten-free bread recipe", "recipe for gluten free bread"),  # both "without gluten"
     ("How do I stop my cat from scratching the sofa?", "How can I keep my cat from scratching the sofa?"),
     ("Can I use a 45W charger for a 65W laptop?", "Is a 45W charger fine for a 65W laptop?"),  # no swap
-    ("Who is the president of the US?", "Who is the U.S. president?"),  # US = U.S.
+    ("Who is the president of the US?", "Who is the U.S. president?"),  # US = U.S. = United States = American
+    ("Is tipping expected in the United States?", "Is tipping expected in the U.S.?"),
+    ("Do US citizens need a visa for Japan?", "Do American citizens need a visa for Japan?"),
     ("What makes bread rise?", "Why does bread rise?"),  # both ask for a reason
     ("What does 'per se' mean?", "What is the meaning of 'per se'?"),  # both ask for a definition
 ])
