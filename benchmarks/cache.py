@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import conditions, group_texts, percentile, read_pair_groups, write_json
+from common import conditions, group_texts, percentile, read_pair_groups, shown_path, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
@@ -409,8 +409,7 @@ def blind_file(args, Cache, emb, groups, cond) -> None:
     from opengpt.assist.cross_check import default_cross_check
 
     cc = default_cross_check()
-    path = Path(args.blind).resolve()
-    result[key] = {"pairs_file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else args.blind,
+    result[key] = {"pairs_file": shown_path(args.blind),
                         "groups": len(groups), "conditions": cond, "align_min": cv.ALIGN_MIN,
                         "pair_p_min": (cv.pair_model() or {}).get("p_min"),
                         "cross_check_p_min": cc.p_min if cc is not None else None,

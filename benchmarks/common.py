@@ -103,6 +103,12 @@ def write_json(result: dict, path: str | Path, conditions: dict | None = None) -
     print(f"wrote {out}")
 
 
+def shown_path(path: str | Path) -> str:
+    """A data file's path as results name it: relative to the repository when it is inside."""
+    p, root = Path(path).resolve(), Path(__file__).resolve().parent.parent
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
+
+
 def read_pair_groups(path: str | Path) -> list[dict]:
     """The groups of a cache pair file (benchmarks/data/cache_pairs*.jsonl), one JSON object per line."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import conditions, percentile, write_json
+from common import conditions, percentile, shown_path, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -313,7 +313,7 @@ def fresh_benign(args, cond) -> None:
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
     key = "benign_" + path.stem.rsplit("_", 1)[-1]
-    result[key] = {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else args.benign,
+    result[key] = {"file": shown_path(args.benign),
                    "conditions": cond, "note": "evaluated once with the shipped models and policy; nothing tuned on it",
                    "figures": figures}
     write_json(result, out, conditions=cond)

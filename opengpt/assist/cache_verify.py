@@ -158,17 +158,20 @@ def _antonym_sides(words: list[str]) -> dict[int, set[int]]:
     return sides
 
 
+def _number(s: str) -> str | None:
+    """A number's canonical text: `1,000` = `1000` = `1000.0`; None when it is none."""
+    try:
+        return format(Decimal(s.replace(",", "")).normalize(), "f")
+    except InvalidOperation:
+        return None
+
+
 def numbers(text: str) -> Counter:
     """The multiset of numbers in a text, normalised: `1,000` = `1000` = `1000.0`, `two` = `2`."""
-    out: Counter = Counter()
-    for m in _NUMBER.findall(text):
-        try:
-            out[format(Decimal(m.replace(",", "")).normalize(), "f")] += 1
-        except InvalidOperation:
-            pass
+    out: Counter = Counter(v for v in map(_number, _NUMBER.findall(text)) if v is not None)
     for w in _words(text):
         if w in NUMBER_WORDS:
-            out[format(Decimal(NUMBER_WORDS[w]).normalize(), "f")] += 1
+            out[_number(str(NUMBER_WORDS[w]))] += 1
     low = text.lower()
     second = len(re.findall(r"\bsecond[- ](?:\w+est|most|least|worst)\b", low))  # "second tallest" = 2nd
     if second:
@@ -212,9 +215,8 @@ def bound_units(text: str) -> dict[str, set[str]]:
     low = _country(text).lower()
     out: dict[str, set[str]] = {}
     for m in _NUMBER.finditer(low):
-        try:
-            value = format(Decimal(m.group().replace(",", "")).normalize(), "f")
-        except InvalidOperation:
+        value = _number(m.group())
+        if value is None:
             continue
         unit = next((UNITS[c] for c in "$€£¥" if low[:m.start()].rstrip().endswith(c)), None)
         after = _WORD.findall(low[m.end():m.end() + 40])[:2]  # "5 km", "100 US dollars", not "30 in euros"
@@ -515,7 +517,7 @@ def added(wn: list[str], wc: list[str]) -> str | None:
     team", "... if I'm married to one")."""
     un, uc = unaligned(wn, wc)
     inv = {_stem(w): w for w in reversed(wn + wc)}
-    for extra, other, words in ((un, uc, wn), (uc, un, wc)):
+    for extra, other, words, other_words in ((un, uc, wn, wc), (uc, un, wc, wn)):
         if not extra or other:
             continue
         if any(specific(inv.get(w, w)) for w in extra):
@@ -523,7 +525,6 @@ def added(wn: list[str], wc: list[str]) -> str | None:
         # a trailing clause: opened after the last word the two questions share ("in what year was it
         # invented" adds "year" inside the question, not a condition after it)
         # shared: the very stem in the other question ("driving" is aligned to "drive", not shared)
-        other_words = wc if words is wn else wn
         shared = set(_content(other_words))
         first = min(i for i, w in enumerate(words) if _stem(w) in extra)
         shared_last = max((i for i, w in enumerate(words) if _stem(w) in shared and w not in STOPWORDS), default=-1)
